@@ -1,0 +1,1 @@
+"""The ingestor worker service, the dead-letter tools and the command line."""

@@ -1,0 +1,1878 @@
+"""A local Kusto endpoint on DuckDB, close enough to Azure Data Explorer for the SDKs.
+
+`duckdb-kql` already speaks Kusto's REST protocol (``/v1/rest/mgmt``, ``/v1/rest/query``,
+``/v2/rest/query``) over one DuckDB connection. This module is the thin layer that makes
+the *real* ``azure-kusto-data`` and ``azure-kusto-ingest`` clients, unmodified, usable
+against it for this project:
+
+* query parameters: the SDK sends ``properties`` as a JSON *string* and every parameter
+  value as the text of a Kusto literal; both are decoded here, so
+  ``ClientRequestProperties.set_parameter`` reaches ``declare query_parameters``;
+* the management commands ``provision.kql`` and an operator use (tables, functions,
+  policies, ingestion mappings, ``.show table T cslschema``), with function definitions
+  persisted in the DuckDB file so a restarted server still has them;
+* the streaming-ingest route the ingest SDK posts to, committing each request in one
+  DuckDB transaction, because Kusto commits one ingestion operation atomically and the
+  saver's "no torn reads" invariant is built on that;
+* Kusto's documented handling of invalid data (``ingest-invalid-data``): malformed
+  ``multijson`` fails the whole request, oversized strings are cut at 1 MB, oversized
+  dynamics and mistyped values become null. Emulating the limits is deliberate: a
+  local run then fails the same way Azure would, instead of hiding a chunking bug;
+* a built-in ``strcmp``, since Kusto has no ``<`` on strings.
+
+It listens on loopback only (duckdb-kql's rule, kept) and serves one database, held in
+``<data_dir>/<database>.duckdb`` or in memory. The server is the only process that opens
+the DuckDB file; any number of client processes go through HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as dt
+import functools
+import gzip
+import io
+import json
+import math
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, unquote
+
+import duckdb_kql
+from duckdb_kql.control import is_control_command, strip_leading_comments
+from duckdb_kql.engine import connect
+from duckdb_kql.engine import schema as engine_schema
+from duckdb_kql.errors import KqlError
+from duckdb_kql.params import as_datetime, coerce, parse_timespan
+from duckdb_kql.server import (
+    KustoRestServer,
+    RestColumn,
+    Result,
+    _Handler,  # the request handler has no public name; we extend it, never copy it
+    error_response,
+)
+from duckdb_kql.stored_functions import ResolvedFunctions, StoredFunction, parse_functions
+from duckdb_kql.translate import TYPE_MAP, quote_ident
+from duckdb_kql.translate.functions import SCALAR_FUNCTIONS, FunctionSpec
+from duckdb_kql.types import kusto_type
+
+__all__ = [
+    "DEFAULT_DATABASE",
+    "MAX_STREAMING_REQUEST_BYTES",
+    "LocalKustoServer",
+    "serve_local_kusto",
+    "start_local_kusto",
+]
+
+DEFAULT_DATABASE = "langgraph"
+
+#: Azure's cap on one streaming-ingestion request. Measured on the body as sent (gzip),
+#: the same number ``ManagedStreamingIngestClient`` checks before it falls back to queued.
+MAX_STREAMING_REQUEST_BYTES = 4 * 1024 * 1024
+
+#: Kusto's per-value limits: strings are cut, dynamics become null (ingest-invalid-data).
+#: The encoding policy raises them per column: BigObject 2 MB, BigObject32 32 MB.
+_DEFAULT_VALUE_LIMIT = 1024 * 1024
+_ENCODING_LIMITS = {"bigobject": 2 * 1024 * 1024, "bigobject32": 32 * 1024 * 1024}
+
+#: Where our own bookkeeping lives in the DuckDB file. A separate schema keeps it out of
+#: ``.show tables``; the ``__kusto_`` prefix keeps it from colliding in duckdb-kql's
+#: table-name map, which ignores schemas.
+_META = "_kusto_local"
+
+_LOOPBACK_HOST = "127.0.0.1"
+
+
+# ---------------------------------------------------------------------------
+# strcmp: registered with the translator once per process
+# ---------------------------------------------------------------------------
+
+#: Kusto strings are never null (a missing one is ""), hence the coalesce. DuckDB
+#: compares VARCHAR byte-wise, i.e. by code point: Kusto's ordinal order, except that
+#: Kusto orders UTF-16 code units (differs only between U+E000-U+FFFF and astral
+#: characters).
+_STRCMP = FunctionSpec(
+    "strcmp",
+    "template",
+    "CAST(CASE WHEN coalesce({0}, '') < coalesce({1}, '') THEN -1 "
+    "WHEN coalesce({0}, '') > coalesce({1}, '') THEN 1 ELSE 0 END AS INTEGER)",
+    (2,),
+    note="Kusto built-in, added by langgraph-checkpoint-kusto's local server",
+)
+
+
+def register_strcmp() -> None:
+    """Teach duckdb-kql's translator Kusto's ``strcmp``.
+
+    A built-in rather than a stored function because duckdb-kql only accepts tabular
+    stored functions, and because in Kusto it *is* a built-in: a user function named
+    ``strcmp`` must stay refused. Process-wide, and harmless to anyone else using
+    duckdb-kql in the process: it only adds what Kusto has.
+    """
+    SCALAR_FUNCTIONS.setdefault("strcmp", _STRCMP)
+
+
+# ---------------------------------------------------------------------------
+# Query parameters: Kusto literals' text -> typed values
+# ---------------------------------------------------------------------------
+
+_WRAPPED = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*\((.*)\)\s*$", re.DOTALL)
+_WRAPPERS: dict[str, frozenset[str]] = {
+    "bool": frozenset({"bool", "boolean"}),
+    "int": frozenset({"int", "int32"}),
+    "long": frozenset({"long", "int64"}),
+    "real": frozenset({"real", "double"}),
+    "decimal": frozenset({"decimal"}),
+    "datetime": frozenset({"datetime", "date"}),
+    "timespan": frozenset({"timespan", "time"}),
+    "guid": frozenset({"guid", "uuid", "uniqueid"}),
+    "dynamic": frozenset({"dynamic"}),
+}
+
+
+@functools.lru_cache(maxsize=512)
+def _declared_parameters(csl: str) -> tuple[tuple[str, str], ...]:
+    """``(name, type)`` of the query's ``declare query_parameters``; cached per text
+    because the saver sends a handful of constant query texts over and over."""
+    return tuple((d.name, d.type) for d in duckdb_kql.query_parameters(csl))
+
+
+def _parameter_value(raw: Any, kind: str, name: str) -> Any:
+    """One request parameter as the typed value duckdb-kql binds.
+
+    Kusto receives every value as a string and parses it "as a literal of the declared
+    type": ``long(5)`` or ``5``, ``datetime(2024-01-01)`` or the bare date,
+    ``dynamic([1,2])`` or bare JSON. A string parameter is taken verbatim. A non-string
+    JSON value (``true``, ``5``) is read through its JSON text, which is what the
+    service's string-typed property bag does with it.
+    """
+    if kind == "string":
+        if isinstance(raw, str):
+            return raw
+        return json.dumps(raw) if isinstance(raw, bool) or raw is None else str(raw)
+    text = raw if isinstance(raw, str) else json.dumps(raw)
+    body = text.strip()
+    wrapped = _WRAPPED.match(body)
+    if wrapped and wrapped.group(1).lower() in _WRAPPERS.get(kind, frozenset()):
+        body = wrapped.group(2).strip()
+    if body.lower() == "null":
+        return None
+    try:
+        if kind == "bool":
+            lowered = body.lower()
+            if lowered not in ("true", "false"):
+                raise ValueError(body)
+            return lowered == "true"
+        if kind in ("int", "long"):
+            return int(body)
+        if kind == "real":
+            return float(body)
+        if kind == "decimal":
+            return Decimal(body)
+        if kind == "dynamic":
+            return json.dumps(json.loads(body))
+        # datetime, timespan, guid: duckdb-kql already parses their text forms.
+        return coerce(body, kind, name)
+    except (ValueError, ArithmeticError, KqlError) as exc:
+        raise ValueError(
+            f"query parameter {name!r}: {text!r} is not a {kind} literal; send the text "
+            f"of a Kusto {kind} literal, e.g. as ClientRequestProperties.set_parameter does"
+        ) from exc
+
+
+def bind_request_parameters(csl: str, supplied: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The request's parameters, typed by the query's declarations.
+
+    Parameters the query does not declare are dropped, as Kusto drops them; duckdb-kql
+    would refuse them, and a caller that sends one shared parameter set to several
+    queries would then fail only locally.
+    """
+    if not supplied:
+        return {}
+    declared = dict(_declared_parameters(csl))
+    return {
+        name: _parameter_value(value, declared[name], name)
+        for name, value in supplied.items()
+        if name in declared
+    }
+
+
+# ---------------------------------------------------------------------------
+# Small parsers for management-command text
+# ---------------------------------------------------------------------------
+
+_NAME = r"(?:\[\s*'(?:[^'\\]|\\.)*'\s*\]|\[\s*\"(?:[^\"\\]|\\.)*\"\s*\]|[A-Za-z_][A-Za-z0-9_]*)"
+_NAME_RE = re.compile(_NAME)
+
+
+class CommandError(KqlError):
+    """A management command we understand but must refuse; reaches the client as
+    Kusto's error envelope (HTTP 400)."""
+
+
+def _unbracket(name: str) -> str:
+    """``['My Table']`` -> ``My Table``; a plain identifier is returned unchanged."""
+    name = name.strip()
+    if name.startswith("["):
+        inner = name[1:-1].strip()
+        return re.sub(r"\\(.)", r"\1", inner[1:-1])
+    return name
+
+
+def _parenthesized(text: str, start: int) -> tuple[str, int]:
+    """The text inside the parenthesis opening at *start*, and the index after it."""
+    depth = 0
+    quote = ""
+    i = start
+    while i < len(text):
+        char = text[i]
+        if quote:
+            if char == "\\":
+                i += 2
+                continue
+            if char == quote:
+                quote = ""
+        elif char in "'\"":
+            quote = char
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i], i + 1
+        i += 1
+    raise CommandError(f"unbalanced parenthesis in {text.strip()[:200]!r}")
+
+
+def _split_top_level(text: str, separator: str = ",") -> list[str]:
+    """Split on *separator* outside quotes, brackets and parentheses."""
+    parts: list[str] = []
+    depth = 0
+    quote = ""
+    current: list[str] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if quote:
+            current.append(char)
+            if char == "\\" and i + 1 < len(text):
+                current.append(text[i + 1])
+                i += 2
+                continue
+            if char == quote:
+                quote = ""
+        elif char in "'\"":
+            quote = char
+            current.append(char)
+        elif char in "([{":
+            depth += 1
+            current.append(char)
+        elif char in ")]}":
+            depth -= 1
+            current.append(char)
+        elif char == separator and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+        i += 1
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+_STRING_LITERAL = re.compile(
+    r"\s*(?:```(?P<fence>.*?)```"
+    r"|@'(?P<vs>(?:[^']|'')*)'"
+    r'|@"(?P<vd>(?:[^"]|"")*)"'
+    r"|'(?P<s>(?:[^'\\]|\\.)*)'"
+    r'|"(?P<d>(?:[^"\\]|\\.)*)")',
+    re.DOTALL,
+)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r"}
+
+
+def _read_string_literal(text: str, pos: int) -> tuple[str, int]:
+    """A Kusto string literal at *pos* (``'..'``, ``"..."``, ``@'...'``, a fence)."""
+    found = _STRING_LITERAL.match(text, pos)
+    if found is None:
+        raise CommandError(f"expected a string literal at {text[pos : pos + 60]!r}")
+    if found.group("fence") is not None:
+        return found.group("fence"), found.end()
+    if found.group("vs") is not None:
+        return found.group("vs").replace("''", "'"), found.end()
+    if found.group("vd") is not None:
+        return found.group("vd").replace('""', '"'), found.end()
+    body = found.group("s") if found.group("s") is not None else found.group("d")
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(1)), body), found.end()
+
+
+def _with_properties(text: str) -> dict[str, str]:
+    """``docstring='x', folder = "y"`` -> ``{"docstring": "x", "folder": "y"}``."""
+    out: dict[str, str] = {}
+    for item in _split_top_level(text):
+        key, _, value = item.partition("=")
+        value = value.strip()
+        if value[:1] and value[0] in "'\"@`":
+            value, _ = _read_string_literal(value, 0)
+        out[key.strip().lower()] = value
+    return out
+
+
+def _column_list(text: str) -> list[tuple[str, str]]:
+    """``a:string, ['b c']: dynamic`` -> ``[("a", "string"), ("b c", "dynamic")]``,
+    types normalised to Kusto's canonical spelling."""
+    columns: list[tuple[str, str]] = []
+    for item in _split_top_level(text):
+        name, colon, kind = item.rpartition(":")
+        if not colon or not name.strip():
+            raise CommandError(f"expected `Name:type` in the column list, got {item!r}")
+        columns.append((_unbracket(name), _canonical_type(kind)))
+    if not columns:
+        raise CommandError("a table needs at least one column")
+    seen: set[str] = set()
+    for name, _ in columns:
+        if name in seen:
+            raise CommandError(f"column {name!r} is listed twice")
+        seen.add(name)
+    return columns
+
+
+def _canonical_type(kind: str) -> str:
+    duck = TYPE_MAP.get(kind.strip().lower())
+    if duck is None:
+        raise CommandError(f"{kind.strip()!r} is not a Kusto scalar type")
+    return kusto_type(duck)
+
+
+def _duck_type(kind: str) -> str:
+    return TYPE_MAP[kind]
+
+
+def _strip_trailing_comments(text: str) -> str:
+    lines = text.rstrip().splitlines()
+    while lines and (not lines[-1].strip() or lines[-1].lstrip().startswith("//")):
+        lines.pop()
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Result shapes
+# ---------------------------------------------------------------------------
+
+
+def _result(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]) -> Result:
+    return Result([RestColumn.derived(n, k) for n, k in columns], [tuple(r) for r in rows])
+
+
+_TABLE_COLUMNS = (
+    ("TableName", "string"),
+    ("Schema", "string"),
+    ("DatabaseName", "string"),
+    ("Folder", "string"),
+    ("DocString", "string"),
+)
+_FUNCTION_COLUMNS = (
+    ("Name", "string"),
+    ("Parameters", "string"),
+    ("Body", "string"),
+    ("Folder", "string"),
+    ("DocString", "string"),
+)
+_POLICY_COLUMNS = (
+    ("PolicyName", "string"),
+    ("EntityName", "string"),
+    ("Policy", "string"),
+    ("ChildEntities", "string"),
+    ("EntityType", "string"),
+)
+_MAPPING_COLUMNS = (
+    ("Name", "string"),
+    ("Kind", "string"),
+    ("Mapping", "string"),
+    ("LastUpdatedOn", "datetime"),
+    ("Database", "string"),
+    ("Table", "string"),
+)
+
+
+def _csl_name(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) else f"['{name}']"
+
+
+def _csl_schema(columns: Sequence[tuple[str, str]]) -> str:
+    return ",".join(f"{_csl_name(n)}:{k}" for n, k in columns)
+
+
+_NET_TYPES = {
+    "bool": "System.SByte",
+    "int": "System.Int32",
+    "long": "System.Int64",
+    "real": "System.Double",
+    "decimal": "System.Data.SqlTypes.SqlDecimal",
+    "string": "System.String",
+    "datetime": "System.DateTime",
+    "timespan": "System.TimeSpan",
+    "guid": "System.Guid",
+    "dynamic": "System.Object",
+}
+
+
+def _json_schema(table: str, columns: Sequence[tuple[str, str]]) -> str:
+    return json.dumps(
+        {
+            "Name": table,
+            "OrderedColumns": [
+                {"Name": n, "Type": _NET_TYPES.get(k, "System.String"), "CslType": k}
+                for n, k in columns
+            ],
+        }
+    )
+
+
+# ---------------------------------------------------------------------------
+# Ingestion: formats, mappings, value conversion
+# ---------------------------------------------------------------------------
+
+
+class IngestError(Exception):
+    """A streaming-ingest request Kusto would refuse, with Kusto's error code."""
+
+    def __init__(self, message: str, code: str = "BadRequest_InvalidBlob", status: int = 400):
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+_JSON_FORMATS = frozenset({"json", "multijson", "singlejson"})
+_CSV_DELIMITERS = {"csv": ",", "tsv": "\t", "scsv": ";", "psv": "|", "sohsv": "\x01"}
+_MISSING = object()
+
+
+def _parse_json_records(text: str, fmt: str) -> list[Any]:
+    """The records of a JSON body.
+
+    ``multijson``/``singlejson``: objects concatenated or in arrays, any layout; a
+    malformed record fails the whole request (Kusto: BadRequest_InvalidBlob).
+    ``json``: one object per line; Kusto *silently skips* malformed lines there, and so
+    do we, so a test cannot pass locally on a format that loses data in Azure.
+    """
+    if fmt == "json":
+        records = []
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                records.append(value)
+        return records
+    decoder = json.JSONDecoder()
+    records = []
+    pos = 0
+    length = len(text)
+    while True:
+        while pos < length and text[pos] in " \t\r\n,\ufeff":
+            pos += 1
+        if pos >= length:
+            return records
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except ValueError as exc:
+            raise IngestError(f"malformed JSON in {fmt} data: {exc}") from None
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if not isinstance(item, dict):
+                raise IngestError(
+                    f"{fmt} data must hold JSON objects, one per record; "
+                    f"got {json.dumps(item)[:80]}"
+                )
+            records.append(item)
+
+
+def _parse_csv_records(text: str, fmt: str) -> list[list[str]]:
+    rows = [row for row in csv.reader(io.StringIO(text), delimiter=_CSV_DELIMITERS[fmt]) if row]
+    widths = {len(row) for row in rows}
+    if len(widths) > 1:
+        raise IngestError(
+            f"{fmt} records have inconsistent numbers of fields: {sorted(widths)}",
+            code="Stream_WrongNumberOfFields",
+        )
+    return rows
+
+
+_JSON_PATH_STEP = re.compile(
+    r"\.([A-Za-z_$][\w$-]*)"
+    r"|\[\s*'((?:[^'\\]|\\.)*)'\s*\]"
+    r'|\[\s*"((?:[^"\\]|\\.)*)"\s*\]'
+    r"|\[\s*(\d+)\s*\]"
+)
+
+
+def _json_path(path: str) -> Callable[[Any], Any]:
+    """A getter for the JSONPath subset ingestion mappings use: ``$``, ``$.a.b``,
+    ``$['a']``, ``$.a[0]``. Missing -> ``_MISSING`` (Kusto fills null)."""
+    if not path.startswith("$"):
+        raise CommandError(f"mapping path {path!r} must start with '$'")
+    steps: list[str | int] = []
+    pos = 1
+    while pos < len(path):
+        step = _JSON_PATH_STEP.match(path, pos)
+        if step is None:
+            raise CommandError(f"mapping path {path!r} is not supported locally")
+        name = step.group(1) or step.group(2) or step.group(3)
+        steps.append(int(step.group(4)) if step.group(4) is not None else name or "")
+        pos = step.end()
+
+    def get(record: Any) -> Any:
+        value = record
+        for key in steps:
+            if isinstance(key, int):
+                if not isinstance(value, list) or key >= len(value):
+                    return _MISSING
+                value = value[key]
+            else:
+                if not isinstance(value, dict) or key not in value:
+                    return _MISSING
+                value = value[key]
+        return value
+
+    return get
+
+
+class _Mapping(NamedTuple):
+    """A compiled ingestion mapping: column -> getter over one record."""
+
+    getters: dict[str, Callable[[Any], Any]]
+
+
+def _compile_mapping(kind: str, text: str, columns: Sequence[str] | None = None) -> _Mapping:
+    """Compile (and so validate) a JSON or CSV ingestion mapping."""
+    try:
+        entries = json.loads(text)
+    except ValueError as exc:
+        raise CommandError(f"the ingestion mapping is not JSON: {exc}") from None
+    if not isinstance(entries, list):
+        raise CommandError("an ingestion mapping is a JSON array of column entries")
+    getters: dict[str, Callable[[Any], Any]] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise CommandError(f"mapping entry {entry!r} is not an object")
+        lowered = {k.lower(): v for k, v in entry.items()}
+        column = lowered.get("column")
+        if not isinstance(column, str) or not column:
+            raise CommandError(f"mapping entry {entry!r} names no column")
+        props = {k.lower(): v for k, v in (lowered.get("properties") or {}).items()}
+        props = {**{k: v for k, v in lowered.items() if k != "properties"}, **props}
+        if props.get("transform"):
+            raise CommandError(
+                f"mapping transform {props['transform']!r} is not supported by the local server"
+            )
+        if "constvalue" in props:
+            getters[column] = functools.partial(_constant, value=props["constvalue"])
+        elif kind == "json":
+            path = props.get("path")
+            if not isinstance(path, str):
+                raise CommandError(f"json mapping entry for {column!r} has no Path")
+            getters[column] = _json_path(path)
+        elif kind == "csv":
+            try:
+                ordinal = int(props.get("ordinal"))  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise CommandError(f"csv mapping entry for {column!r} has no Ordinal") from None
+            getters[column] = functools.partial(_ordinal, ordinal=ordinal)
+        else:
+            raise CommandError(f"{kind} ingestion mappings are not supported by the local server")
+    if columns is not None:
+        unknown = sorted(set(getters) - set(columns))
+        if unknown:
+            raise CommandError(f"the mapping names columns the table lacks: {unknown}")
+    return _Mapping(getters)
+
+
+def _truncate_utf8(text: str, limit: int) -> str:
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit:
+        return text
+    return encoded[:limit].decode("utf-8", "ignore")
+
+
+def _convert(value: Any, kind: str, limit: int, *, from_text: bool) -> Any:
+    """One source value as the column's DuckDB value, the way Kusto ingests it.
+
+    Per Kusto's "ingestion of invalid data" rules: a value that does not fit the type
+    becomes null (a float into a long, "abc" into a datetime), a string over the limit is
+    cut, a dynamic over the limit becomes null. Kusto strings have no null, so a missing
+    string is "".
+    """
+    if value is _MISSING or value is None:
+        return "" if kind == "string" else None
+    if from_text and value == "" and kind != "string":
+        return None
+    try:
+        converted = _CONVERTERS[kind](value, from_text)
+    except (ValueError, TypeError, ArithmeticError, KqlError):
+        return "" if kind == "string" else None
+    if kind == "string":
+        return _truncate_utf8(converted, limit)
+    if kind == "dynamic" and converted is not None and len(converted.encode("utf-8")) > limit:
+        return None
+    return converted
+
+
+def _to_string(value: Any, from_text: bool) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _to_integer(bits: int) -> Callable[[Any, bool], int]:
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+    def convert(value: Any, from_text: bool) -> int:
+        if isinstance(value, (bool, float)):
+            raise TypeError("not an integer")
+        number = int(value.strip()) if isinstance(value, str) else value
+        if not isinstance(number, int) or not low <= number <= high:
+            raise ValueError("out of range")
+        return number
+
+    return convert
+
+
+def _to_real(value: Any, from_text: bool) -> float:
+    if isinstance(value, bool):
+        raise TypeError("bool is not a real")
+    if isinstance(value, str):
+        return float(value.strip())
+    if isinstance(value, (int, float)):
+        return float(value)
+    raise TypeError("not a real")
+
+
+def _to_bool(value: Any, from_text: bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise ValueError("not a bool")
+
+
+_EXTRA_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def _to_datetime(value: Any, from_text: bool) -> dt.datetime:
+    if not isinstance(value, str):
+        raise TypeError("not a datetime")
+    # Kusto writes 7 fractional digits (ticks); Python reads at most 6.
+    return as_datetime(_EXTRA_FRACTION.sub(r"\1", value.strip()), "value")
+
+
+def _to_timespan(value: Any, from_text: bool) -> dt.timedelta:
+    if not isinstance(value, str):
+        raise TypeError("not a timespan")
+    parsed = parse_timespan(value.strip())
+    if parsed is None:
+        raise ValueError("not a timespan")
+    return parsed
+
+
+def _to_guid(value: Any, from_text: bool) -> uuid.UUID:
+    if not isinstance(value, str):
+        raise TypeError("not a guid")
+    return uuid.UUID(value.strip())
+
+
+def _to_decimal(value: Any, from_text: bool) -> Decimal:
+    if isinstance(value, bool):
+        raise TypeError("bool is not a decimal")
+    try:
+        return Decimal(value.strip() if isinstance(value, str) else str(value))
+    except InvalidOperation as exc:
+        raise ValueError("not a decimal") from exc
+
+
+def _to_dynamic(value: Any, from_text: bool) -> str:
+    if from_text and isinstance(value, str):
+        # A CSV field that is not JSON is a dynamic string, as in Kusto.
+        with contextlib.suppress(ValueError):
+            value = json.loads(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("not JSON")
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+_CONVERTERS: dict[str, Callable[[Any, bool], Any]] = {
+    "string": _to_string,
+    "int": _to_integer(32),
+    "long": _to_integer(64),
+    "real": _to_real,
+    "bool": _to_bool,
+    "datetime": _to_datetime,
+    "timespan": _to_timespan,
+    "guid": _to_guid,
+    "decimal": _to_decimal,
+    "dynamic": _to_dynamic,
+}
+
+
+def _decode_body(body: bytes, encoding: str | None) -> bytes:
+    encoding = (encoding or "").strip().lower()
+    try:
+        if encoding == "gzip" or (not encoding and body[:2] == b"\x1f\x8b"):
+            return gzip.decompress(body)
+        if encoding == "deflate":
+            return zlib.decompress(body)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise IngestError(f"the request body is not valid {encoding or 'gzip'}: {exc}") from None
+    if encoding not in ("", "identity", "gzip", "deflate"):
+        raise IngestError(f"unsupported Content-Encoding {encoding!r}")
+    return body
+
+
+# ---------------------------------------------------------------------------
+# Management command patterns
+# ---------------------------------------------------------------------------
+
+_F = re.IGNORECASE | re.DOTALL
+_CREATE_TABLE = re.compile(rf"^\.(create|create-merge|alter-merge)\s+table\s+({_NAME})\s*\(", _F)
+_CREATE_TABLES = re.compile(r"^\.(create|create-merge)\s+tables\s+", _F)
+_MAPPING_CMD = re.compile(
+    rf"^\.(create|create-or-alter|alter)\s+table\s+({_NAME})\s+ingestion\s+(\w+)\s+mapping\s+", _F
+)
+_DROP_MAPPING = re.compile(rf"^\.drop\s+table\s+({_NAME})\s+ingestion\s+(\w+)\s+mapping\s+", _F)
+_SHOW_MAPPINGS = re.compile(rf"^\.show\s+table\s+({_NAME})\s+ingestion\s+(\w+)\s+mappings?\s*$", _F)
+_DROP_TABLE = re.compile(rf"^\.drop\s+table\s+({_NAME})(\s+ifexists)?\s*$", _F)
+_DROP_TABLES = re.compile(r"^\.drop\s+tables\s*\((.*)\)(\s+ifexists)?\s*$", _F)
+_FUNCTION_CMD = re.compile(r"^\.(create-or-alter|create|alter)\s+function\b", _F)
+_DROP_FUNCTION = re.compile(rf"^\.drop\s+function\s+({_NAME})(\s+ifexists)?\s*$", _F)
+_POLICY_CMD = re.compile(
+    r"^\.(alter|alter-merge|delete)\s+(table|tables|database|column|materialized-view|cluster)"
+    r"\s+(.*?)\s*policy\s+([A-Za-z_][\w-]*)\s*(.*)$",
+    _F,
+)
+_SHOW_POLICY = re.compile(
+    r"^\.show\s+(table|database|column|materialized-view|cluster)\s*(.*?)\s+policy\s+"
+    r"([A-Za-z_][\w-]*)\s*$",
+    _F,
+)
+_SHOW_TABLES = re.compile(r"^\.show\s+tables\s*$", _F)
+_SHOW_TABLE_SCHEMA = re.compile(
+    rf"^\.show\s+table\s+({_NAME})\s+(cslschema|schema\s+as\s+json|schema\s+as\s+csl)\s*$", _F
+)
+_INGEST_INLINE = re.compile(rf"^\.ingest\s+inline\s+into\s+table\s+({_NAME})\s*", _F)
+_EXECUTE_SCRIPT = re.compile(r"^\.execute\s+database\s+script\s*", _F)
+_CLEAR_TABLE = re.compile(rf"^\.clear\s+table\s+({_NAME})\s+data\s*$", _F)
+_MATERIALIZED_VIEW = re.compile(
+    r"^\.(create|create-or-alter)\s+(?:async\s+)?materialized-view\s+", _F
+)
+_DROP_MATERIALIZED_VIEW = re.compile(
+    rf"^\.drop\s+materialized-view\s+({_NAME})(\s+ifexists)?\s*$", _F
+)
+_COMMAND_START = re.compile(r"^\s*\.[A-Za-z]")
+
+
+# ---------------------------------------------------------------------------
+# The server
+# ---------------------------------------------------------------------------
+
+
+class _LocalHandler(_Handler):
+    """duckdb-kql's handler plus the streaming-ingest route and request normalisation."""
+
+    server: LocalKustoRestServer  # type: ignore[assignment]
+    # Headers and body leave in separate writes; with Nagle on, the client's delayed ACK
+    # holds the body back ~40 ms on every request.
+    disable_nagle_algorithm = True
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        # stderr, never stdout: `serve_local_kusto` promises a stdout of one URL line.
+        if not self.server.quiet:
+            print(f"{self.address_string()} {fmt % args}", file=sys.stderr, flush=True)
+
+    def do_POST(self) -> None:  # BaseHTTPRequestHandler's interface
+        if not self._is_local():
+            self._send(403, error_response("local connections only"))
+            return
+        route, _, query = self.path.partition("?")
+        ingest = re.fullmatch(r"/v1/rest/ingest/([^/]+)/([^/]+)/?", route)
+        if ingest is not None:
+            self._ingest(unquote(ingest.group(1)), unquote(ingest.group(2)), query)
+            return
+        body = self._read_body()
+        if body is None:
+            return
+        rewritten = self._normalise(body)
+        if rewritten is None:
+            return
+        # duckdb-kql's do_POST reads the body from rfile; hand it the rewritten one and
+        # put the socket back afterwards, or keep-alive would read the next request
+        # from an exhausted buffer.
+        socket_file = self.rfile
+        self.rfile = io.BytesIO(rewritten)  # type: ignore[assignment]
+        del self.headers["Content-Length"]
+        self.headers["Content-Length"] = str(len(rewritten))
+        try:
+            super().do_POST()
+        finally:
+            self.rfile = socket_file
+
+    # -- body plumbing ------------------------------------------------------
+
+    def _read_body(self) -> bytes | None:
+        """The raw body, Content-Length or chunked (requests streams some bodies)."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks = []
+            total = 0
+            while True:
+                size_line = self.rfile.readline(65537)
+                try:
+                    size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
+                except ValueError:
+                    self.close_connection = True  # the rest of the body is still unread
+                    self._send(400, error_response("malformed chunked body"))
+                    return None
+                if size == 0:
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                total += size
+                if total > 4 * MAX_STREAMING_REQUEST_BYTES:
+                    self.close_connection = True
+                    self._send(413, error_response("request body too large"))
+                    return None
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline(3)
+            del self.headers["Transfer-Encoding"]
+            return b"".join(chunks)
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            self._send(400, error_response("malformed Content-Length"))
+            return None
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _normalise(self, body: bytes) -> bytes | None:
+        """The request with ``properties`` as an object and parameters typed later.
+
+        Returns None when an answer has already been sent.
+        """
+        try:
+            request = json.loads(body or b"{}")
+        except ValueError:
+            return body  # duckdb-kql reports a malformed body in Kusto's words
+        if not isinstance(request, dict):
+            return body
+        database = request.get("db")
+        if isinstance(database, str) and database and not self.server.serves(database):
+            self._send(
+                400,
+                error_response(
+                    f"Entity ID '{database}' of kind 'Database' was not found: this local "
+                    f"server serves the database {self.server.database!r}",
+                    code="BadRequest_EntityNotFound",
+                ),
+            )
+            return None
+        properties = request.get("properties")
+        if isinstance(properties, str):
+            try:
+                properties = json.loads(properties) if properties.strip() else {}
+            except ValueError:
+                self._send(400, error_response("'properties' is not valid JSON"))
+                return None
+        if isinstance(properties, dict):
+            options = properties.get("Options")
+            if isinstance(options, dict):
+                properties["Options"] = {
+                    k: v for k, v in options.items() if k.lower() not in _NO_OP_OPTIONS
+                }
+            request["properties"] = properties
+        return json.dumps(request).encode("utf-8")
+
+    # -- streaming ingestion -------------------------------------------------
+
+    def _ingest(self, database: str, table: str, query: str) -> None:
+        args = {k.lower(): v[-1] for k, v in parse_qs(query).items()}
+        body = self._read_body()
+        if body is None:
+            return
+        try:
+            if args.get("sourcekind", "").lower() == "uri":
+                raise IngestError(
+                    "streaming ingestion from a blob URI is not supported by the local server",
+                    code="BadRequest_NotSupported",
+                )
+            if database != self.server.database:
+                raise IngestError(
+                    f"Entity ID '{database}' of kind 'Database' was not found: this local "
+                    f"server serves the database {self.server.database!r}",
+                    code="BadRequest_EntityNotFound",
+                )
+            if len(body) > self.server.max_streaming_bytes:
+                raise IngestError(
+                    f"streaming ingestion request of {len(body)} bytes exceeds the "
+                    f"{self.server.max_streaming_bytes}-byte limit; use queued ingestion",
+                    code="BadRequest_StreamingIngestionRequestTooLarge",
+                    status=413,
+                )
+            data = _decode_body(body, self.headers.get("Content-Encoding"))
+            count = self.server.ingest(
+                table,
+                args.get("streamformat", "csv"),
+                data,
+                mapping_name=args.get("mappingname"),
+            )
+        except IngestError as exc:
+            self._send(exc.status, error_response(str(exc), code=exc.code))
+            return
+        except Exception as exc:  # any engine failure is the answer, as a Kusto error
+            self._send(400, error_response(str(exc), code="BadRequest_InvalidBlob"))
+            return
+        self._send(200, _streaming_ingest_response(count))
+
+
+def _streaming_ingest_response(count: int) -> dict[str, Any]:
+    """What the service answers a streaming ingest: a v1 table the SDK parses as success."""
+    return {
+        "Tables": [
+            {
+                "TableName": "Table_0",
+                "Columns": [
+                    {"ColumnName": "ConsumedRecordsCount", "DataType": "Int64"},
+                    {"ColumnName": "UpdatePolicyStatus", "DataType": "String"},
+                    {"ColumnName": "UpdatePolicyFailureCode", "DataType": "String"},
+                    {"ColumnName": "UpdatePolicyFailureReason", "DataType": "String"},
+                ],
+                "Rows": [[count, "Disabled", "Disabled", ""]],
+            }
+        ]
+    }
+
+
+#: Request options duckdb-kql refuses that are true no-ops here: nothing truncates
+#: results (so ``notruncation`` asks for what happens), and one local database is
+#: strongly consistent, which satisfies any ``queryconsistency`` a caller may ask for.
+_NO_OP_OPTIONS = frozenset({"notruncation", "queryconsistency"})
+
+
+class LocalKustoRestServer(KustoRestServer):
+    """duckdb-kql's REST server with our management commands and streaming ingest.
+
+    Everything that touches the DuckDB connection holds ``self._lock`` (duckdb-kql's
+    own), because the connection is shared by every request thread.
+    """
+
+    def __init__(
+        self,
+        con: Any,
+        *,
+        port: int,
+        source: str,
+        quiet: bool,
+        max_streaming_bytes: int = MAX_STREAMING_REQUEST_BYTES,
+    ) -> None:
+        register_strcmp()
+        _ensure_meta_schema(con)
+        functions: ResolvedFunctions = {None: _load_functions(con)}
+        super().__init__(
+            con,
+            port=port,
+            host=_LOOPBACK_HOST,
+            source=source,
+            quiet=quiet,
+            allow_write=True,
+            functions=functions,
+        )
+        self.RequestHandlerClass = _LocalHandler
+        self.max_streaming_bytes = max_streaming_bytes
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up mid-response is routine (test teardown, Ctrl-C); only
+        real failures deserve a traceback."""
+        if self.quiet and isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+    # -- entry point for every csl -------------------------------------------
+
+    def run(
+        self,
+        csl: str,
+        parameters: dict[str, Any] | None = None,
+        database: str | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> Result:
+        """Our management commands here; everything else through duckdb-kql."""
+        text = strip_leading_comments(csl).strip()
+        if is_control_command(text):
+            handled = self.management(text, options or {})
+            if handled is not None:
+                return handled
+            return super().run(csl, parameters, database, options)
+        return super().run(csl, bind_request_parameters(csl, parameters), database, options)
+
+    def management(self, text: str, options: Mapping[str, Any]) -> Result | None:
+        """Run one management command we implement, or None to leave it to duckdb-kql."""
+        text = _strip_trailing_comments(text).rstrip(";").strip()
+        for pattern, handler, writes in self._COMMANDS:
+            found = pattern.match(text)
+            if found is None:
+                continue
+            if writes and _read_only(options):
+                raise CommandError(
+                    "Cannot invoke a control command that writes as this request is "
+                    "read-only (request_readonly is set)"
+                )
+            return handler(self, text, found)
+        return None
+
+    # -- tables --------------------------------------------------------------
+
+    def _columns(self, table: str) -> list[tuple[str, str]] | None:
+        """The table's ``(column, kusto type)`` in order, or None if it does not exist."""
+        rows = self._con.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_catalog = current_database() AND table_schema = 'main' "
+            "AND table_name = ? ORDER BY ordinal_position",
+            [table],
+        ).fetchall()
+        if not rows:
+            return None
+        return [(str(name), kusto_type(kind)) for name, kind in rows]
+
+    def _is_table(self, table: str) -> bool:
+        row = self._con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_catalog = "
+            "current_database() AND table_schema = 'main' AND table_name = ? "
+            "AND table_type = 'BASE TABLE'",
+            [table],
+        ).fetchone()
+        return bool(row and row[0])
+
+    def _create_table(
+        self, verb: str, table: str, columns: list[tuple[str, str]], props: dict[str, str]
+    ) -> list[tuple[str, str]]:
+        """``.create`` / ``.create-merge`` / ``.alter-merge`` one table; returns its schema.
+
+        Idempotent the way Kusto's are: re-creating an identical table succeeds,
+        create-merge adds the missing columns, and a column whose type differs is an
+        error rather than a silent re-type.
+        """
+        existing = self._columns(table)
+        if existing is None:
+            if verb == "alter-merge":
+                raise CommandError(f"Table '{table}' was not found; .alter-merge needs it to exist")
+            ddl = ", ".join(f"{quote_ident(n)} {_duck_type(k)}" for n, k in columns)
+            self._con.execute(f"CREATE TABLE {quote_ident(table)} ({ddl})")
+        else:
+            have = dict(existing)
+            for name, kind in columns:
+                if name in have and have[name] != kind:
+                    raise CommandError(
+                        f"column {table}.{name} is {have[name]}, the command says {kind}; "
+                        "Kusto does not change a column's type by create/merge"
+                    )
+            missing = [(n, k) for n, k in columns if n not in have]
+            if verb == "create" and (missing or len(columns) != len(existing)):
+                raise CommandError(
+                    f"Table '{table}' already exists with a different schema "
+                    f"({_csl_schema(existing)}); use .create-merge to add columns"
+                )
+            for name, kind in missing:
+                self._con.execute(
+                    f"ALTER TABLE {quote_ident(table)} ADD COLUMN {quote_ident(name)} "
+                    f"{_duck_type(kind)}"
+                )
+        if props.get("folder") is not None or props.get("docstring") is not None:
+            self._con.execute(
+                f"INSERT OR REPLACE INTO {_META}.__kusto_tables VALUES (?, ?, ?)",
+                [table, props.get("folder", ""), props.get("docstring", "")],
+            )
+        return self._columns(table) or []
+
+    def _table_meta(self, table: str) -> tuple[str, str]:
+        row = self._con.execute(
+            f"SELECT Folder, DocString FROM {_META}.__kusto_tables WHERE Name = ?", [table]
+        ).fetchone()
+        return (str(row[0] or ""), str(row[1] or "")) if row else ("", "")
+
+    def _table_row(self, table: str, columns: list[tuple[str, str]], json_schema: bool) -> list:
+        folder, doc = self._table_meta(table)
+        schema = _json_schema(table, columns) if json_schema else _csl_schema(columns)
+        return [table, schema, self.database, folder, doc]
+
+    def _cmd_create_table(self, text: str, found: re.Match[str]) -> Result:
+        verb, table = found.group(1).lower(), _unbracket(found.group(2))
+        inside, end = _parenthesized(text, found.end() - 1)
+        props = self._trailing_with(text[end:])
+        columns = _column_list(inside)
+        with self._lock:
+            schema = self._create_table(verb, table, columns, props)
+            return _result(_TABLE_COLUMNS, [self._table_row(table, schema, True)])
+
+    def _cmd_create_tables(self, text: str, found: re.Match[str]) -> Result:
+        verb = found.group(1).lower()
+        rest = text[found.end() :]
+        specs: list[tuple[str, list[tuple[str, str]]]] = []
+        while True:
+            rest = rest.lstrip()
+            name = _NAME_RE.match(rest)
+            if name is None:
+                raise CommandError(f"expected a table name at {rest[:60]!r}")
+            rest = rest[name.end() :].lstrip()
+            if not rest.startswith("("):
+                raise CommandError(f"expected a column list after {name.group(0)!r}")
+            inside, end = _parenthesized(rest, 0)
+            specs.append((_unbracket(name.group(0)), _column_list(inside)))
+            rest = rest[end:].lstrip()
+            if not rest.startswith(","):
+                break
+            rest = rest[1:]
+        props = self._trailing_with(rest)
+        with self._lock:
+            self._con.begin()
+            try:
+                rows = [
+                    self._table_row(t, self._create_table(verb, t, cols, props), True)
+                    for t, cols in specs
+                ]
+                self._con.commit()
+            except Exception:
+                self._con.rollback()
+                raise
+        return _result(_TABLE_COLUMNS, rows)
+
+    @staticmethod
+    def _trailing_with(rest: str) -> dict[str, str]:
+        rest = rest.strip()
+        if not rest:
+            return {}
+        opening = re.match(r"with\s*\(", rest, re.IGNORECASE)
+        if opening is None:
+            raise CommandError(f"unexpected text after the command: {rest[:80]!r}")
+        inside, end = _parenthesized(rest, opening.end() - 1)
+        if rest[end:].strip():
+            raise CommandError(f"unexpected text after the command: {rest[end:][:80]!r}")
+        return _with_properties(inside)
+
+    def _cmd_drop_table(self, text: str, found: re.Match[str]) -> Result:
+        return self._drop_tables([_unbracket(found.group(1))], bool(found.group(2)))
+
+    def _cmd_drop_tables(self, text: str, found: re.Match[str]) -> Result:
+        names = [_unbracket(n) for n in _split_top_level(found.group(1))]
+        return self._drop_tables(names, bool(found.group(2)))
+
+    def _drop_tables(self, names: list[str], if_exists: bool) -> Result:
+        with self._lock:
+            missing = [n for n in names if not self._is_table(n)]
+            if missing and not if_exists:
+                raise CommandError(f"Table '{missing[0]}' was not found (add ifexists)")
+            for name in names:
+                if name in missing:
+                    continue
+                self._con.execute(f"DROP TABLE {quote_ident(name)}")
+                for meta in ("__kusto_tables", "__kusto_mappings"):
+                    column = "Name" if meta == "__kusto_tables" else "TableName"
+                    self._con.execute(f"DELETE FROM {_META}.{meta} WHERE {column} = ?", [name])
+            rows = [[t, self.database] for t in self._table_names()]
+        return _result((("TableName", "string"), ("DatabaseName", "string")), rows)
+
+    def _table_names(self) -> list[str]:
+        rows = self._con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_catalog = "
+            "current_database() AND table_schema = 'main' AND table_type = 'BASE TABLE' "
+            "ORDER BY table_name"
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def _cmd_show_tables(self, text: str, found: re.Match[str]) -> Result:
+        with self._lock:
+            rows = [[t, self.database, *self._table_meta(t)] for t in self._table_names()]
+        return _result(
+            (
+                ("TableName", "string"),
+                ("DatabaseName", "string"),
+                ("Folder", "string"),
+                ("DocString", "string"),
+            ),
+            rows,
+        )
+
+    def _cmd_show_table_schema(self, text: str, found: re.Match[str]) -> Result:
+        table = _unbracket(found.group(1))
+        as_json = "json" in found.group(2).lower()
+        with self._lock:
+            columns = self._columns(table)
+            if columns is None:
+                raise CommandError(f"Table '{table}' was not found")
+            row = self._table_row(table, columns, as_json)
+        return _result(_TABLE_COLUMNS, [row])
+
+    def _cmd_clear_table(self, text: str, found: re.Match[str]) -> Result:
+        table = _unbracket(found.group(1))
+        with self._lock:
+            if not self._is_table(table):
+                raise CommandError(f"Table '{table}' was not found")
+            self._con.execute(f"DELETE FROM {quote_ident(table)}")
+        return _result((("Status", "string"),), [["Success"]])
+
+    # -- functions -----------------------------------------------------------
+
+    def _cmd_function(self, text: str, found: re.Match[str]) -> Result:
+        """``.create`` / ``.alter`` / ``.create-or-alter function``: parse with duckdb-kql,
+        persist the command text, and swap the registry the translator reads."""
+        verb = found.group(1).lower()
+        try:
+            parsed = parse_functions([text])
+        except (ValueError, TypeError) as exc:
+            raise CommandError(str(exc)) from None
+        assert parsed is not None
+        function = next(iter(parsed[None].values()))
+        if_not_exists = bool(re.match(r"^\.create\s+function\s+ifnotexists\b", text, re.I))
+        with self._lock:
+            current = dict((self.functions or {}).get(None, {}))
+            exists = function.name in current
+            if verb == "create" and exists:
+                if if_not_exists:
+                    return _result(_FUNCTION_COLUMNS, [_function_row(current[function.name])])
+                raise CommandError(
+                    f"function '{function.name}' already exists; use .create-or-alter"
+                )
+            if verb == "alter" and not exists:
+                raise CommandError(f"function '{function.name}' was not found")
+            self._con.execute(
+                f"INSERT OR REPLACE INTO {_META}.__kusto_functions VALUES (?, ?, ?)",
+                [function.name, text, _utcnow()],
+            )
+            current[function.name] = function
+            self.functions = {None: current}
+        return _result(_FUNCTION_COLUMNS, [_function_row(function)])
+
+    def _cmd_drop_function(self, text: str, found: re.Match[str]) -> Result:
+        name = _unbracket(found.group(1))
+        with self._lock:
+            current = dict((self.functions or {}).get(None, {}))
+            if name not in current:
+                if found.group(2):
+                    return _result((("Name", "string"),), [])
+                raise CommandError(f"function '{name}' was not found (add ifexists)")
+            self._con.execute(f"DELETE FROM {_META}.__kusto_functions WHERE Name = ?", [name])
+            del current[name]
+            self.functions = {None: current}
+        return _result((("Name", "string"),), [[name]])
+
+    # -- materialized views, emulated as always-fresh views -------------------
+
+    def _cmd_materialized_view(self, text: str, found: re.Match[str]) -> Result:
+        """A materialized view as a plain DuckDB view over the translated query.
+
+        Kusto materializes in the background and may lag; a view is always fresh. The
+        results agree once Kusto catches up, which is what a local stand-in can promise.
+        """
+        rest = text[found.end() :].lstrip()
+        if rest.lower().startswith("with"):
+            opening = re.match(r"with\s*\(", rest, re.I)
+            if opening is None:
+                raise CommandError("cannot read the materialized-view properties")
+            _, end = _parenthesized(rest, opening.end() - 1)
+            rest = rest[end:].lstrip()
+        rest = re.sub(r"^ifnotexists\s+", "", rest, flags=re.I)
+        head = re.match(rf"({_NAME})\s+on\s+table\s+({_NAME})\s*\{{", rest, re.I)
+        if head is None:
+            raise CommandError("expected `Name on table Source { query }`")
+        body = rest[head.end() : rest.rfind("}")]
+        name = _unbracket(head.group(1))
+        with self._lock:
+            sql = duckdb_kql.to_sql(body, schema=engine_schema(self._con))
+            if getattr(sql, "parameters", None):
+                raise CommandError("a materialized-view query cannot use parameters here")
+            self._con.execute(f"CREATE OR REPLACE VIEW {quote_ident(name)} AS {sql}")
+        return _result(
+            (("Name", "string"), ("SourceTable", "string"), ("Query", "string")),
+            [[name, _unbracket(head.group(2)), body.strip()]],
+        )
+
+    def _cmd_drop_materialized_view(self, text: str, found: re.Match[str]) -> Result:
+        name = _unbracket(found.group(1))
+        with self._lock:
+            clause = "IF EXISTS " if found.group(2) else ""
+            self._con.execute(f"DROP VIEW {clause}{quote_ident(name)}")
+        return _result((("Name", "string"),), [[name]])
+
+    # -- policies: accepted, recorded, not enforced ----------------------------
+
+    def _cmd_policy(self, text: str, found: re.Match[str]) -> Result:
+        """Record ``.alter[-merge]``/``.delete`` ``... policy`` as a no-op.
+
+        Kusto enforces these (retention, caching, batching, streaming, update policies);
+        here they only need to be accepted so provisioning scripts run unchanged, and
+        remembered so ``.show ... policy`` answers with what was set. The one policy we
+        honour is the column encoding policy, which raises the value-size limit.
+        """
+        verb, entity_type = found.group(1).lower(), found.group(2).lower()
+        entity, policy = found.group(3).strip(), found.group(4).lower()
+        value = found.group(5).strip()
+        if value[:1] and value[0] in "'\"@`":
+            value, _ = _read_string_literal(value, 0)
+        with self._lock:
+            if verb == "delete":
+                self._con.execute(
+                    f"DELETE FROM {_META}.__kusto_policies WHERE EntityType = ? AND "
+                    "EntityName = ? AND PolicyName = ?",
+                    [entity_type, entity, policy],
+                )
+            else:
+                self._con.execute(
+                    f"INSERT OR REPLACE INTO {_META}.__kusto_policies VALUES (?, ?, ?, ?, ?, ?)",
+                    [entity_type, entity, policy, value, text, _utcnow()],
+                )
+        return _result(_POLICY_COLUMNS, [[policy, entity, value, "", entity_type]])
+
+    def _cmd_show_policy(self, text: str, found: re.Match[str]) -> Result:
+        entity_type, entity = found.group(1).lower(), found.group(2).strip()
+        policy = found.group(3).lower()
+        with self._lock:
+            row = self._con.execute(
+                f"SELECT Policy FROM {_META}.__kusto_policies WHERE EntityType = ? AND "
+                "EntityName = ? AND PolicyName = ?",
+                [entity_type, entity, policy],
+            ).fetchone()
+        return _result(
+            _POLICY_COLUMNS, [[policy, entity, row[0] if row else "null", "", entity_type]]
+        )
+
+    def _value_limits(self, table: str, columns: Sequence[tuple[str, str]]) -> dict[str, int]:
+        rows = self._con.execute(
+            f"SELECT EntityName, Policy FROM {_META}.__kusto_policies WHERE "
+            "EntityType = 'column' AND PolicyName = 'encoding'"
+        ).fetchall()
+        encoded: dict[str, int] = {}
+        for entity, policy in rows:
+            kind = re.search(r"type\s*=\s*['\"]?(\w+)", str(policy), re.I)
+            limit = _ENCODING_LIMITS.get(kind.group(1).lower()) if kind else None
+            tab, _, col = str(entity).rpartition(".")
+            if limit and _unbracket(tab.rpartition(".")[2] or tab) == table:
+                encoded[_unbracket(col)] = limit
+        return {name: encoded.get(name, _DEFAULT_VALUE_LIMIT) for name, _ in columns}
+
+    # -- ingestion mappings --------------------------------------------------
+
+    def _cmd_mapping(self, text: str, found: re.Match[str]) -> Result:
+        verb, table, kind = found.group(1).lower(), _unbracket(found.group(2)), found.group(3)
+        kind = kind.lower()
+        name, pos = _read_string_literal(text, found.end())
+        mapping, pos = _read_string_literal(text, pos)
+        with self._lock:
+            columns = self._columns(table)
+            if columns is None:
+                raise CommandError(f"Table '{table}' was not found")
+            _compile_mapping(kind, mapping, [c for c, _ in columns])
+            exists = self._mapping_text(table, kind, name) is not None
+            if verb == "create" and exists:
+                raise CommandError(f"{kind} mapping '{name}' already exists on '{table}'")
+            if verb == "alter" and not exists:
+                raise CommandError(f"{kind} mapping '{name}' was not found on '{table}'")
+            self._con.execute(
+                f"INSERT OR REPLACE INTO {_META}.__kusto_mappings VALUES (?, ?, ?, ?, ?)",
+                [table, kind, name, mapping, _utcnow()],
+            )
+        return _result(_MAPPING_COLUMNS, [[name, kind, mapping, _utcnow(), self.database, table]])
+
+    def _cmd_drop_mapping(self, text: str, found: re.Match[str]) -> Result:
+        table, kind = _unbracket(found.group(1)), found.group(2).lower()
+        name, _ = _read_string_literal(text, found.end())
+        with self._lock:
+            self._con.execute(
+                f"DELETE FROM {_META}.__kusto_mappings WHERE TableName = ? AND Kind = ? "
+                "AND Name = ?",
+                [table, kind, name],
+            )
+        return _result((("Name", "string"),), [[name]])
+
+    def _cmd_show_mappings(self, text: str, found: re.Match[str]) -> Result:
+        table, kind = _unbracket(found.group(1)), found.group(2).lower()
+        with self._lock:
+            rows = self._con.execute(
+                f"SELECT Name, Kind, Mapping, UpdatedOn FROM {_META}.__kusto_mappings "
+                "WHERE TableName = ? AND Kind = ? ORDER BY Name",
+                [table, kind],
+            ).fetchall()
+        return _result(_MAPPING_COLUMNS, [[*r, self.database, table] for r in rows])
+
+    def _mapping_text(self, table: str, kind: str, name: str) -> str | None:
+        row = self._con.execute(
+            f"SELECT Mapping FROM {_META}.__kusto_mappings WHERE TableName = ? AND Kind = ? "
+            "AND Name = ?",
+            [table, kind, name],
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    # -- ingestion -----------------------------------------------------------
+
+    def ingest(self, table: str, fmt: str, data: bytes, *, mapping_name: str | None = None) -> int:
+        """Insert every record of *data* into *table* in one transaction; returns the count.
+
+        All or nothing, because a Kusto ingestion operation commits atomically and the
+        saver relies on an event's rows never becoming visible piecemeal.
+        """
+        fmt = fmt.lower()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise IngestError(f"the data is not UTF-8: {exc}") from None
+        if fmt in _JSON_FORMATS:
+            records: Sequence[Any] = _parse_json_records(text, fmt)
+            kind = "json"
+        elif fmt in _CSV_DELIMITERS:
+            records = _parse_csv_records(text, fmt)
+            kind = "csv"
+        else:
+            raise IngestError(
+                f"stream format {fmt!r} is not supported by the local server "
+                f"(supported: {', '.join(sorted(_JSON_FORMATS | set(_CSV_DELIMITERS)))})",
+                code="BadRequest_NotSupported",
+            )
+        if not records:
+            raise IngestError(
+                "no records in the request, or the data does not match the format",
+                code="BadRequest_NoRecordsOrWrongFormat",
+            )
+        with self._lock:
+            columns = self._columns(table)
+            if columns is None or not self._is_table(table):
+                raise IngestError(
+                    f"Entity ID '{table}' of kind 'Table' was not found",
+                    code="BadRequest_EntityNotFound",
+                )
+            names = [n for n, _ in columns]
+            if mapping_name:
+                mapping_text = self._mapping_text(table, kind, mapping_name)
+                if mapping_text is None:
+                    raise IngestError(
+                        f"{kind} mapping '{mapping_name}' was not found on table '{table}'",
+                        code="BadRequest_MappingReferenceWasNotFound",
+                    )
+                getters = _compile_mapping(kind, mapping_text).getters
+            elif kind == "json":
+                getters = {n: functools.partial(_field, name=n) for n in names}
+            else:
+                width = len(records[0]) if records else 0
+                if width > len(names):
+                    raise IngestError(
+                        f"csv records have {width} fields; table '{table}' has "
+                        f"{len(names)} columns",
+                        code="Stream_WrongNumberOfFields",
+                    )
+                getters = {n: functools.partial(_ordinal, ordinal=i) for i, n in enumerate(names)}
+            limits = self._value_limits(table, columns)
+            from_text = kind == "csv"
+            rows = [
+                [
+                    _convert(
+                        getters[n](record) if n in getters else _MISSING,
+                        k,
+                        limits[n],
+                        from_text=from_text,
+                    )
+                    for n, k in columns
+                ]
+                for record in records
+            ]
+            self._con.begin()
+            try:
+                _insert_rows(self._con, table, names, rows)
+                self._con.commit()
+            except Exception as exc:
+                self._con.rollback()
+                raise IngestError(f"ingestion into '{table}' failed: {exc}") from None
+        return len(rows)
+
+    def _cmd_ingest_inline(self, text: str, found: re.Match[str]) -> Result:
+        """``.ingest inline into table T [with (format=..., ingestionMappingReference=...)]
+        <| data`` — the same path as streaming ingest, for operators and tests."""
+        table = _unbracket(found.group(1))
+        rest = text[found.end() :]
+        props: dict[str, str] = {}
+        if rest.lower().startswith("with"):
+            opening = re.match(r"with\s*\(", rest, re.I)
+            if opening is None:
+                raise CommandError("cannot read the ingestion properties")
+            inside, end = _parenthesized(rest, opening.end() - 1)
+            props = _with_properties(inside)
+            rest = rest[end:].lstrip()
+        if not rest.startswith("<|"):
+            raise CommandError("expected `<|` before the inline data")
+        data = rest[2:].lstrip(" \t").removeprefix("\n")
+        props = {k.lower(): v for k, v in props.items()}
+        started = time.monotonic()
+        try:
+            count = self.ingest(
+                table,
+                props.get("format", "csv"),
+                data.encode("utf-8"),
+                mapping_name=props.get("ingestionmappingreference"),
+            )
+        except IngestError as exc:
+            raise CommandError(f"{exc.code}: {exc}") from None
+        elapsed = dt.timedelta(seconds=time.monotonic() - started)
+        return _result(
+            (
+                ("ExtentId", "guid"),
+                ("ItemLoaded", "string"),
+                ("Duration", "timespan"),
+                ("HasErrors", "bool"),
+                ("OperationId", "guid"),
+                ("RowCount", "long"),
+            ),
+            [[uuid.uuid4(), "inproc:inline", elapsed, False, uuid.uuid4(), count]],
+        )
+
+    # -- scripts -------------------------------------------------------------
+
+    def _cmd_execute_script(self, text: str, found: re.Match[str]) -> Result:
+        """``.execute database script <| ...``: each command in turn, as Kusto reports it.
+
+        Commands start on a line beginning with ``.``. With ContinueOnErrors false (the
+        default) the first failure skips the rest; ThrowOnErrors turns it into an error.
+        """
+        rest = text[found.end() :]
+        props: dict[str, str] = {}
+        if rest.lower().startswith("with"):
+            opening = re.match(r"with\s*\(", rest, re.I)
+            if opening is None:
+                raise CommandError("cannot read the script properties")
+            inside, end = _parenthesized(rest, opening.end() - 1)
+            props = _with_properties(inside)
+            rest = rest[end:].lstrip()
+        if not rest.startswith("<|"):
+            raise CommandError("expected `<|` before the script")
+        commands = _split_script(rest[2:])
+        keep_going = props.get("continueonerrors", "false").lower() == "true"
+        throw = props.get("throwonerrors", "false").lower() == "true"
+        rows = []
+        failed = False
+        for command in commands:
+            kind = " ".join(command.split()[:2])
+            if failed and not keep_going:
+                rows.append([uuid.uuid4(), kind, command, "Skipped", ""])
+                continue
+            try:
+                self.run(command)
+                rows.append([uuid.uuid4(), kind, command, "Completed", ""])
+            except Exception as exc:
+                if throw:
+                    raise CommandError(f"script command failed: {command[:120]!r}: {exc}") from None
+                failed = True
+                rows.append([uuid.uuid4(), kind, command, "Failed", str(exc)])
+        return _result(
+            (
+                ("OperationId", "guid"),
+                ("CommandType", "string"),
+                ("CommandText", "string"),
+                ("Result", "string"),
+                ("Reason", "string"),
+            ),
+            rows,
+        )
+
+    _COMMANDS: tuple[tuple[re.Pattern[str], Callable[..., Result], bool], ...] = (
+        (_SHOW_TABLES, _cmd_show_tables, False),
+        (_SHOW_TABLE_SCHEMA, _cmd_show_table_schema, False),
+        (_SHOW_MAPPINGS, _cmd_show_mappings, False),
+        (_SHOW_POLICY, _cmd_show_policy, False),
+        (_MAPPING_CMD, _cmd_mapping, True),
+        (_DROP_MAPPING, _cmd_drop_mapping, True),
+        (_CREATE_TABLE, _cmd_create_table, True),
+        (_CREATE_TABLES, _cmd_create_tables, True),
+        (_DROP_TABLE, _cmd_drop_table, True),
+        (_DROP_TABLES, _cmd_drop_tables, True),
+        (_CLEAR_TABLE, _cmd_clear_table, True),
+        (_FUNCTION_CMD, _cmd_function, True),
+        (_DROP_FUNCTION, _cmd_drop_function, True),
+        (_MATERIALIZED_VIEW, _cmd_materialized_view, True),
+        (_DROP_MATERIALIZED_VIEW, _cmd_drop_materialized_view, True),
+        (_POLICY_CMD, _cmd_policy, True),
+        (_INGEST_INLINE, _cmd_ingest_inline, True),
+        (_EXECUTE_SCRIPT, _cmd_execute_script, True),
+    )
+
+
+#: Rows per INSERT statement: multi-row VALUES is ~4x faster than executemany in DuckDB.
+_INSERT_BATCH_ROWS = 100
+
+
+def _insert_rows(con: Any, table: str, names: Sequence[str], rows: Sequence[list[Any]]) -> None:
+    """Insert *rows* with bound parameters, a hundred rows per statement (the caller owns
+    the transaction)."""
+    head = f"INSERT INTO {quote_ident(table)} ({', '.join(quote_ident(n) for n in names)}) VALUES "
+    one = "(" + ", ".join("?" for _ in names) + ")"
+    for start in range(0, len(rows), _INSERT_BATCH_ROWS):
+        batch = rows[start : start + _INSERT_BATCH_ROWS]
+        con.execute(head + ", ".join(one for _ in batch), [v for row in batch for v in row])
+
+
+def _constant(record: Any, value: Any) -> Any:
+    return value
+
+
+def _field(record: Any, name: str) -> Any:
+    return record.get(name, _MISSING) if isinstance(record, dict) else _MISSING
+
+
+def _ordinal(row: Sequence[str], ordinal: int) -> Any:
+    return row[ordinal] if ordinal < len(row) else _MISSING
+
+
+def _read_only(options: Mapping[str, Any]) -> bool:
+    from duckdb_kql.options import read_only_requested
+
+    return read_only_requested({str(k).lower(): v for k, v in options.items()})
+
+
+def _split_script(script: str) -> list[str]:
+    commands: list[list[str]] = []
+    for line in script.splitlines():
+        if _COMMAND_START.match(line):
+            commands.append([line])
+        elif commands:
+            commands[-1].append(line)
+    texts = (_strip_trailing_comments("\n".join(lines)).strip() for lines in commands)
+    return [text for text in texts if text]
+
+
+def _function_row(function: StoredFunction) -> list[str]:
+    return [function.name, function.parameters, function.body, function.folder, function.docstring]
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
+
+
+# ---------------------------------------------------------------------------
+# The DuckDB file: our bookkeeping
+# ---------------------------------------------------------------------------
+
+
+def _ensure_meta_schema(con: Any) -> None:
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {_META}")
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {_META}.__kusto_functions "
+        "(Name VARCHAR PRIMARY KEY, Command VARCHAR NOT NULL, UpdatedOn TIMESTAMP)"
+    )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {_META}.__kusto_policies (EntityType VARCHAR, "
+        "EntityName VARCHAR, PolicyName VARCHAR, Policy VARCHAR, Command VARCHAR, "
+        "UpdatedOn TIMESTAMP, PRIMARY KEY (EntityType, EntityName, PolicyName))"
+    )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {_META}.__kusto_mappings (TableName VARCHAR, "
+        "Kind VARCHAR, Name VARCHAR, Mapping VARCHAR, UpdatedOn TIMESTAMP, "
+        "PRIMARY KEY (TableName, Kind, Name))"
+    )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {_META}.__kusto_tables "
+        "(Name VARCHAR PRIMARY KEY, Folder VARCHAR, DocString VARCHAR)"
+    )
+
+
+def _load_functions(con: Any) -> dict[str, StoredFunction]:
+    """The persisted definitions, parsed; one that no longer parses is reported and
+    skipped rather than keeping the server from starting."""
+    out: dict[str, StoredFunction] = {}
+    for name, command in con.execute(
+        f"SELECT Name, Command FROM {_META}.__kusto_functions ORDER BY Name"
+    ).fetchall():
+        try:
+            parsed = parse_functions([command])
+        except (ValueError, TypeError) as exc:
+            print(f"local kusto: skipping stored function {name}: {exc}", file=sys.stderr)
+            continue
+        if parsed:
+            out.update(parsed[None])
+    return out
+
+
+def _open_database(data_dir: Path | None, database: str) -> tuple[Any, str]:
+    """A DuckDB connection whose current catalog is named *database*.
+
+    DuckDB names a file's catalog after its stem, so ``<data_dir>/<database>.duckdb`` is
+    already right; in memory the default catalog is ``memory``, so a named in-memory
+    catalog replaces it (clients send the database name on every request).
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", database):
+        raise ValueError(
+            f"database name {database!r}: use letters, digits, '_', '-' or '.' "
+            "(it is also the DuckDB file name)"
+        )
+    if data_dir is None:
+        con = connect(":memory:")
+        con.execute(f"ATTACH ':memory:' AS {quote_ident(database)}")
+        con.execute(f"USE {quote_ident(database)}")
+        con.execute("DETACH memory")
+        return con, ":memory:"
+    directory = Path(data_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{database}.duckdb"
+    try:
+        return connect(str(path)), str(path)
+    except Exception as exc:
+        if "lock" not in str(exc).lower():
+            raise
+        raise RuntimeError(
+            f"{path} is already open in another process (DuckDB allows one writer): "
+            "point your clients at the local Kusto server that holds it"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+
+
+class LocalKustoServer:
+    """A running local Kusto endpoint: ``.url`` for the SDKs, ``.close()`` to stop.
+
+    The socket is bound in the constructor (so ``.url`` is known at once, also with port
+    0); :meth:`start` serves it from a daemon thread.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | str | None = None,
+        port: int = 0,
+        database: str = DEFAULT_DATABASE,
+        *,
+        quiet: bool = True,
+        max_streaming_bytes: int = MAX_STREAMING_REQUEST_BYTES,
+    ) -> None:
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        con, source = _open_database(self.data_dir, database)
+        try:
+            self._server = LocalKustoRestServer(
+                con,
+                port=port,
+                source=source,
+                quiet=quiet,
+                max_streaming_bytes=max_streaming_bytes,
+            )
+        except BaseException:
+            con.close()
+            raise
+        self._con = con
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>``, for ``with_no_authentication``."""
+        return self._server.url
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @property
+    def database(self) -> str:
+        return self._server.database
+
+    @property
+    def rest_server(self) -> LocalKustoRestServer:
+        """The underlying HTTP server (for tests and in-process tooling)."""
+        return self._server
+
+    def start(self) -> LocalKustoServer:
+        """Serve from a background daemon thread; returns self."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.1},
+                name=f"local-kusto:{self.port}",
+                daemon=True,
+            )
+            self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve on the calling thread until :meth:`shutdown`."""
+        self._server.serve_forever(poll_interval=0.1)
+
+    def close(self) -> None:
+        """Stop serving, let in-flight requests finish with the connection, close the file."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(timeout=10)
+        self._server.server_close()
+        with self._server._lock:  # an in-flight request still holds the connection
+            with contextlib.suppress(Exception):
+                self._con.execute("CHECKPOINT")
+            self._con.close()
+
+    def __enter__(self) -> LocalKustoServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LocalKustoServer(url={self.url!r}, database={self.database!r})"
+
+
+def start_local_kusto(
+    data_dir: Path | str | None, port: int = 0, database: str = DEFAULT_DATABASE
+) -> LocalKustoServer:
+    """Start a local Kusto server in a background thread; ``.close()`` it when done."""
+    return LocalKustoServer(data_dir, port, database).start()
+
+
+def serve_local_kusto(
+    data_dir: Path | str | None,
+    port: int = 0,
+    database: str = DEFAULT_DATABASE,
+    *,
+    quiet: bool = True,
+) -> None:
+    """Serve in the foreground until SIGINT/SIGTERM (``langgraph-kusto local-kusto``).
+
+    Stdout gets exactly one line, the URL, as soon as the socket accepts connections, so
+    a script can ``read`` it; everything else goes to stderr.
+    """
+    server = LocalKustoServer(data_dir, port, database, quiet=quiet)
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start()
+        where = server.data_dir / f"{database}.duckdb" if server.data_dir else "memory"
+        print(server.url, flush=True)
+        print(
+            f"local kusto: database {server.database!r} ({where}); Ctrl-C to stop",
+            file=sys.stderr,
+            flush=True,
+        )
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        print("local kusto: stopped", file=sys.stderr, flush=True)

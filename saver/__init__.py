@@ -1,0 +1,194 @@
+"""LangGraph checkpointer on Azure Data Explorer (Kusto) through a durable outbox queue.
+
+Writes become events on the outbox queue (never a wait on Kusto, unless ``strong``);
+reads come from the read cache first, then from one KQL query.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import (
+    ChannelVersions,
+    Checkpoint,
+    CheckpointMetadata,
+    CheckpointTuple,
+)
+from langgraph.checkpoint.kusto.outbox import OutboxSender, open_queue
+from langgraph.checkpoint.kusto.shared.assembly import assemble
+from langgraph.checkpoint.kusto.shared.envelope import Event
+from langgraph.checkpoint.serde.base import SerializerProtocol
+
+from .aio import AsyncKustoSaver
+from .base import (
+    CONFIRM_BATCH,
+    CONFIRM_INTERVAL,
+    POLL_MAX,
+    POLL_START,
+    BaseKustoSaver,
+    Consistency,
+    IngestionTimeoutError,
+    refuse_event_loop_thread,
+)
+from .kusto import KustoQueries
+from .queries import Query, visible_events
+from .schema import SHOW_SCHEMA, provision_commands, schema_error, verify_schema
+from .settings import resolve
+
+__all__ = [
+    "AsyncKustoSaver",
+    "Consistency",
+    "IngestionTimeoutError",
+    "KustoSaver",
+]
+
+
+class KustoSaver(BaseKustoSaver):
+    """Synchronous checkpointer. Use ``from_conn_string`` to build one with its connections."""
+
+    def __init__(
+        self,
+        outbox: OutboxSender,
+        queries: KustoQueries,
+        *,
+        consistency: Consistency | str = Consistency.SESSION,
+        serde: SerializerProtocol | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(consistency=consistency, serde=serde, **options)
+        self.outbox = outbox
+        self.queries = queries
+        self._last_confirm = 0.0
+
+    @classmethod
+    @contextmanager
+    def from_conn_string(
+        cls,
+        queue: str | None = None,
+        cluster: str | None = None,
+        database: str | None = None,
+        *,
+        consistency: Consistency | str = Consistency.SESSION,
+        credential: Any | None = None,
+        serde: SerializerProtocol | None = None,
+        **options: Any,
+    ) -> Iterator[KustoSaver]:
+        """A saver with its queue and Kusto connections, closed on exit.
+
+        Unset arguments come from ``LANGGRAPH_KUSTO_QUEUE`` / ``_CLUSTER`` / ``_DATABASE``,
+        then the local defaults (``langgraph-kusto local up``).
+        """
+        settings = resolve(queue, cluster, database)
+        outbox = open_queue(settings.queue)
+        queries = KustoQueries(settings.cluster, settings.database, credential)
+        try:
+            yield cls(outbox, queries, consistency=consistency, serde=serde, **options)
+        finally:
+            queries.close()
+            outbox.close()
+
+    def setup(self, *, provision: bool = False) -> None:
+        """Check the schema; with ``provision=True`` apply provision.kql first."""
+        if provision:
+            for command in provision_commands():
+                self.queries.command(command)
+        try:
+            rows = self.queries.command(SHOW_SCHEMA)
+        except Exception as exc:
+            raise schema_error(str(exc).splitlines()[0][:200]) from exc
+        verify_schema(rows)
+
+    # -- writes -------------------------------------------------------------
+
+    def put(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        refuse_event_loop_thread()
+        event, next_config, stored = self._put_event(config, checkpoint, metadata, new_versions)
+        self._publish(event)
+        self._remember_put(event, stored)
+        self._confirm_if_over_bound()
+        return next_config
+
+    def put_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        refuse_event_loop_thread()
+        event = self._writes_event(config, writes, task_id, task_path)
+        self._publish(event)
+        self._remember_writes(event)
+
+    def delete_thread(self, thread_id: str) -> None:
+        refuse_event_loop_thread()
+        event = self._delete_thread_event(thread_id)
+        self._publish(event)
+        self._remember_delete(event)
+
+    # -- reads --------------------------------------------------------------
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        refuse_event_loop_thread()
+        cached = self._cached_tuple(config)
+        if cached is not None:
+            return cached
+        found = self._merge(self._select(self._tuple_query(config)), config, None, None, 1)
+        return self._to_tuple(found[0]) if found else None
+
+    def list(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> Iterator[CheckpointTuple]:
+        refuse_event_loop_thread()
+        query = self._list_query(config, filter, before, limit)
+        for stored in self._merge(self._select(query), config, filter, before, limit):
+            yield self._to_tuple(stored)
+
+    # -- I/O edges ----------------------------------------------------------
+
+    def _select(self, query: Query) -> list[Any]:
+        return assemble(self.queries.run(query))
+
+    def _publish(self, event: Event) -> None:
+        self.outbox.send(self._messages(event))
+        if self.consistency is Consistency.STRONG:
+            self._wait_visible(event.event_id)
+
+    def _wait_visible(self, event_id: str) -> None:
+        deadline = time.monotonic() + self.strong_timeout
+        delay = POLL_START
+        while not self.queries.run(visible_events([event_id])):
+            if time.monotonic() > deadline:
+                raise IngestionTimeoutError(
+                    f"event {event_id} is queued but not queryable after {self.strong_timeout}s; "
+                    "is the ingestor worker running?"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, POLL_MAX)
+
+    def _confirm_if_over_bound(self) -> None:
+        cache = self.cache
+        if cache is None or not cache.over_bound() or not cache.has_unconfirmed():
+            return
+        now = time.monotonic()
+        if now - self._last_confirm < CONFIRM_INTERVAL:
+            return
+        self._last_confirm = now
+        pending = cache.unconfirmed_event_ids(CONFIRM_BATCH)
+        rows = self.queries.run(visible_events(pending))
+        cache.confirm({str(row["EventId"]) for row in rows})

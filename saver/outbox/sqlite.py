@@ -1,0 +1,698 @@
+"""The embedded outbox: one SQLite file in WAL mode with Azure Service Bus semantics.
+
+It lets local mode run the same saver and worker code as Azure: peek-lock with expiry and
+renewal, delivery counts, max delivery -> dead letter, sessions (FIFO per session id, one
+consumer per session at a time) and duplicate detection by message id. Several processes
+may open the same file; every state change runs in a ``BEGIN IMMEDIATE`` transaction, so
+SQLite's single writer lock serialises them and no message is handed out twice.
+
+Delivery count convention: ``ReceivedMessage.delivery_count`` is **0 on the first
+delivery** and grows by one on each redelivery (after abandon or lock expiry). That is what
+``azure.servicebus.ServiceBusReceivedMessage.delivery_count`` reports: in azure-servicebus
+7.15.0 (``azure/servicebus/_common/message.py``) the property returns the AMQP header's
+``delivery_count`` unchanged, which the AMQP spec defines as "the number of prior
+unsuccessful delivery attempts"; Service Bus puts (its own 1-based count - 1) there, and the
+SDK's live tests (``sdk/servicebus/azure-servicebus/tests/test_queues.py``) assert
+``message.delivery_count == 0`` on a first receive. (.NET and Java add 1 and start at 1.)
+Matching Python keeps the worker's retry arithmetic identical on both backends. As in
+Service Bus, a message is delivered at most ``max_delivery_count`` times; the attempt after
+that dead-letters it. A ``DeadLetter.delivery_count`` counts the deliveries that failed,
+i.e. all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from . import (
+    MAX_DELIVERY_COUNT_EXCEEDED,
+    DeadLetter,
+    LockLostError,
+    OutboxError,
+    OutboxMessage,
+    ReceivedMessage,
+)
+
+__all__ = ["SqliteQueue"]
+
+MAX_ID_LENGTH = 128
+"""Service Bus rejects message and session ids longer than this; so do we, to match Azure."""
+
+BUSY_TIMEOUT_SECONDS = 30.0
+"""How long a transaction waits for another process's write lock before giving up."""
+
+POLL_FIRST_DELAY = 0.005
+POLL_MAX_DELAY = 0.05
+
+URL_FORM = "sqlite:///relative/path.db or sqlite:////absolute/path.db, optionally ?queue=name"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox_messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    properties TEXT NOT NULL,
+    enqueued_time REAL NOT NULL,
+    delivery_count INTEGER NOT NULL DEFAULT 0,
+    lock_token TEXT,
+    locked_by TEXT,
+    locked_until REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_messages_by_session
+    ON outbox_messages (queue, session_id, seq);
+CREATE TABLE IF NOT EXISTS outbox_sessions (
+    queue TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    owner TEXT,
+    locked_until REAL,
+    PRIMARY KEY (queue, session_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox_dedup (
+    queue TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    enqueued_time REAL NOT NULL,
+    PRIMARY KEY (queue, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outbox_dedup_by_time ON outbox_dedup (queue, enqueued_time);
+CREATE TABLE IF NOT EXISTS outbox_dead_letters (
+    queue TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    properties TEXT NOT NULL,
+    enqueued_time REAL NOT NULL,
+    delivery_count INTEGER NOT NULL,
+    dead_lettered_time REAL NOT NULL,
+    reason TEXT NOT NULL,
+    description TEXT NOT NULL,
+    PRIMARY KEY (queue, seq)
+);
+CREATE INDEX IF NOT EXISTS outbox_dead_letters_by_time
+    ON outbox_dead_letters (queue, dead_lettered_time, seq);
+"""
+# AUTOINCREMENT (not plain rowid) so a sequence number is never reused after the newest
+# message is completed: dead letters keep theirs and operators address them by it.
+# ``outbox_sessions`` holds a row per session that has messages; ``owner``/``locked_until``
+# is the session lock. Message locks of a session always expire with the session lock,
+# which is what makes "one consumer per session" and FIFO hold across processes.
+
+PRUNE_DEDUP = "DELETE FROM outbox_dedup WHERE queue = :queue AND enqueued_time < :horizon"
+
+# Accepts the id (returns a row) unless it was accepted within the window.
+CLAIM_MESSAGE_ID = """
+INSERT INTO outbox_dedup (queue, message_id, enqueued_time) VALUES (:queue, :message_id, :now)
+ON CONFLICT (queue, message_id) DO UPDATE SET enqueued_time = excluded.enqueued_time
+    WHERE outbox_dedup.enqueued_time < :horizon
+RETURNING 1
+"""
+
+REMEMBER_MESSAGE_ID = """
+INSERT INTO outbox_dedup (queue, message_id, enqueued_time) VALUES (:queue, :message_id, :now)
+ON CONFLICT (queue, message_id) DO UPDATE SET enqueued_time = excluded.enqueued_time
+"""
+
+INSERT_MESSAGE = """
+INSERT INTO outbox_messages (queue, message_id, session_id, body, properties, enqueued_time)
+VALUES (:queue, :message_id, :session_id, :body, :properties, :now)
+"""
+
+ADD_SESSION = """
+INSERT INTO outbox_sessions (queue, session_id) VALUES (:queue, :session_id)
+ON CONFLICT (queue, session_id) DO NOTHING
+"""
+
+# Sessions this consumer may take messages from, the one with the oldest message first.
+OPEN_SESSIONS = """
+SELECT s.session_id FROM outbox_sessions AS s
+WHERE s.queue = :queue AND (s.owner IS NULL OR s.owner = :me OR s.locked_until < :now)
+ORDER BY (SELECT min(m.seq) FROM outbox_messages AS m
+          WHERE m.queue = s.queue AND m.session_id = s.session_id)
+"""
+
+AVAILABLE_IN_SESSION = """
+SELECT seq, delivery_count FROM outbox_messages
+WHERE queue = :queue AND session_id = :session_id
+  AND (locked_until IS NULL OR locked_until < :now)
+ORDER BY seq LIMIT :limit
+"""
+
+LOCK_MESSAGE = """
+UPDATE outbox_messages
+SET delivery_count = delivery_count + 1, lock_token = :token, locked_by = :me,
+    locked_until = :until
+WHERE seq = :seq
+RETURNING message_id, session_id, body, properties, enqueued_time, delivery_count
+"""
+
+LOCK_SESSION = """
+UPDATE outbox_sessions SET owner = :me, locked_until = :until
+WHERE queue = :queue AND session_id = :session_id
+"""
+
+# A session has one lock: extending it extends every message lock this consumer holds in it.
+EXTEND_HELD_LOCKS = """
+UPDATE outbox_messages SET locked_until = :until
+WHERE queue = :queue AND session_id = :session_id AND locked_by = :me AND locked_until >= :now
+"""
+
+DROP_EMPTY_SESSION = """
+DELETE FROM outbox_sessions
+WHERE queue = :queue AND session_id = :session_id
+  AND NOT EXISTS (SELECT 1 FROM outbox_messages
+                  WHERE queue = :queue AND session_id = :session_id)
+"""
+
+RELEASE_IDLE_SESSION = """
+UPDATE outbox_sessions SET owner = NULL, locked_until = NULL
+WHERE queue = :queue AND session_id = :session_id AND owner = :me
+  AND NOT EXISTS (SELECT 1 FROM outbox_messages
+                  WHERE queue = :queue AND session_id = :session_id
+                    AND locked_by = :me AND locked_until >= :now)
+"""
+
+COMPLETE_MESSAGE = """
+DELETE FROM outbox_messages
+WHERE seq = :seq AND queue = :queue AND lock_token = :token AND locked_until >= :now
+RETURNING session_id
+"""
+
+ABANDON_MESSAGE = """
+UPDATE outbox_messages SET lock_token = NULL, locked_by = NULL, locked_until = NULL
+WHERE seq = :seq AND queue = :queue AND lock_token = :token AND locked_until >= :now
+RETURNING session_id, delivery_count
+"""
+
+RENEW_MESSAGE = """
+UPDATE outbox_messages SET locked_until = :until
+WHERE seq = :seq AND queue = :queue AND lock_token = :token AND locked_until >= :now
+RETURNING session_id
+"""
+
+HOLDS_LOCK = """
+SELECT 1 FROM outbox_messages
+WHERE seq = :seq AND queue = :queue AND lock_token = :token AND locked_until >= :now
+"""
+
+MOVE_TO_DEAD_LETTERS = """
+INSERT INTO outbox_dead_letters (queue, seq, message_id, session_id, body, properties,
+    enqueued_time, delivery_count, dead_lettered_time, reason, description)
+SELECT queue, seq, message_id, session_id, body, properties, enqueued_time, delivery_count,
+    :now, :reason, :description
+FROM outbox_messages WHERE seq = :seq
+"""
+
+DELETE_MESSAGE = "DELETE FROM outbox_messages WHERE seq = :seq"
+
+LIST_DEAD_LETTERS = """
+SELECT body, message_id, session_id, seq, delivery_count, enqueued_time, dead_lettered_time,
+    reason, description, properties
+FROM outbox_dead_letters WHERE queue = :queue
+ORDER BY dead_lettered_time, seq LIMIT :limit
+"""
+
+TAKE_DEAD_LETTER = """
+DELETE FROM outbox_dead_letters WHERE queue = :queue AND seq = :seq
+RETURNING message_id, session_id, body, properties
+"""
+
+DELETE_DEAD_LETTER = "DELETE FROM outbox_dead_letters WHERE queue = :queue AND seq = :seq"
+
+COUNT_MESSAGES = "SELECT count(*) FROM outbox_messages WHERE queue = :queue"
+
+COUNT_DEAD_LETTERS = "SELECT count(*) FROM outbox_dead_letters WHERE queue = :queue"
+
+
+class SqliteQueue:
+    """A Service Bus-like session queue in one SQLite file, shared by several processes.
+
+    Implements ``OutboxSender``, ``OutboxReceiver`` and ``DeadLetterStore``. Each instance
+    is one consumer (a random consumer id) with one connection guarded by a lock, so the
+    saver may call it from several threads. Several named queues may share a file.
+    Times (``enqueued_time``, ``locked_until``) are Unix epoch seconds.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        queue: str = "events",
+        *,
+        lock_duration: float = 30.0,
+        max_delivery_count: int = 10,
+        duplicate_detection_window: float = 600.0,
+    ) -> None:
+        if sqlite3.sqlite_version_info < (3, 35, 0):
+            raise OutboxError(
+                f"SqliteQueue needs SQLite 3.35 or newer (for RETURNING); this Python links "
+                f"SQLite {sqlite3.sqlite_version}. Use a Python build with a newer SQLite."
+            )
+        if not queue:
+            raise ValueError("queue name must not be empty")
+        if lock_duration <= 0:
+            raise ValueError(f"lock_duration must be positive, got {lock_duration}")
+        if max_delivery_count < 1:
+            raise ValueError(f"max_delivery_count must be at least 1, got {max_delivery_count}")
+        if duplicate_detection_window < 0:
+            raise ValueError(
+                f"duplicate_detection_window must not be negative, got {duplicate_detection_window}"
+            )
+        self.path = Path(path)
+        self.queue = queue
+        self.lock_duration = lock_duration
+        self.max_delivery_count = max_delivery_count
+        self.duplicate_detection_window = duplicate_detection_window
+        self._consumer_id = uuid.uuid4().hex
+        self._lock = threading.Lock()
+        self._conn = self._connect()
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        lock_duration: float = 30.0,
+        max_delivery_count: int = 10,
+        duplicate_detection_window: float = 600.0,
+    ) -> SqliteQueue:
+        """Open the queue a ``sqlite:///path.db[?queue=name]`` URL names.
+
+        Three slashes then a relative path, four for an absolute one (the SQLAlchemy
+        convention), so the same setting works in a config file and on the command line.
+        """
+        parts = urlsplit(url)
+        if parts.scheme != "sqlite" or parts.netloc or parts.fragment:
+            raise ValueError(f"Not a SQLite queue URL: {url!r}. Expected {URL_FORM}.")
+        path = unquote(parts.path)[1:]
+        if not path or path.endswith("/"):
+            raise ValueError(f"No database file in queue URL {url!r}. Expected {URL_FORM}.")
+        try:
+            query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+        except ValueError as error:
+            raise ValueError(f"Bad query in queue URL {url!r}. Expected {URL_FORM}.") from error
+        unknown = sorted(set(query) - {"queue"})
+        if unknown:
+            raise ValueError(
+                f"Unknown option(s) {', '.join(unknown)} in queue URL {url!r}. Expected {URL_FORM}."
+            )
+        queues = query.get("queue", ["events"])
+        if len(queues) != 1 or not queues[0]:
+            raise ValueError(
+                f"Give exactly one non-empty queue name in {url!r}. Expected {URL_FORM}."
+            )
+        return cls(
+            path,
+            queues[0],
+            lock_duration=lock_duration,
+            max_delivery_count=max_delivery_count,
+            duplicate_detection_window=duplicate_detection_window,
+        )
+
+    def _connect(self) -> sqlite3.Connection:
+        if str(self.path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is
+        # taken before reading, and two consumers can never pick the same message.
+        conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode: a committed send survives a process crash; only an OS
+            # crash or power loss can drop the last transactions (FULL would fsync each commit).
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as error:
+                raise OutboxError(
+                    f"Queue file {self.path} stayed locked by another process for "
+                    f"{BUSY_TIMEOUT_SECONDS:.0f}s ({error}). Check for a stuck process holding it."
+                ) from error
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _params(self, **values: object) -> dict[str, object]:
+        return {"queue": self.queue, "me": self._consumer_id, **values}
+
+    # --- OutboxSender -------------------------------------------------------------------
+
+    def send(self, messages: Sequence[OutboxMessage]) -> None:
+        """Enqueue all messages in one transaction: other processes see all or none.
+
+        A message whose id this queue accepted within ``duplicate_detection_window`` seconds
+        (earlier in the same call included) is dropped silently, as Service Bus does, so a
+        saver that retries a publish after a crash does not enqueue twice.
+        """
+        for message in messages:
+            _check_id("message_id", message.message_id)
+            _check_id("session_id", message.session_id)
+        if not messages:
+            return
+        with self._transaction() as conn:
+            now = time.time()
+            horizon = now - self.duplicate_detection_window
+            conn.execute(PRUNE_DEDUP, self._params(horizon=horizon))
+            for message in messages:
+                params = self._params(
+                    message_id=message.message_id,
+                    session_id=message.session_id,
+                    now=now,
+                    horizon=horizon,
+                )
+                if conn.execute(CLAIM_MESSAGE_ID, params).fetchone() is None:
+                    continue
+                params["body"] = bytes(message.body)
+                params["properties"] = json.dumps(message.application_properties)
+                conn.execute(INSERT_MESSAGE, params)
+                conn.execute(ADD_SESSION, params)
+
+    # --- OutboxReceiver -----------------------------------------------------------------
+
+    def receive(self, max_messages: int, max_wait: float) -> list[ReceivedMessage]:
+        """Peek-lock up to ``max_messages``, waiting up to ``max_wait`` seconds for any.
+
+        Returns as soon as at least one message is available (possibly from several
+        sessions); an empty list means none came within ``max_wait``.
+        """
+        if max_messages < 1:
+            raise ValueError(f"max_messages must be at least 1, got {max_messages}")
+        if max_wait < 0:
+            raise ValueError(f"max_wait must not be negative, got {max_wait}")
+        deadline = time.monotonic() + max_wait
+        delay = POLL_FIRST_DELAY
+        while True:
+            received = self._receive_now(max_messages)
+            remaining = deadline - time.monotonic()
+            if received or remaining <= 0:
+                return received
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, POLL_MAX_DELAY)
+
+    def _receive_now(self, max_messages: int) -> list[ReceivedMessage]:
+        received: list[ReceivedMessage] = []
+        with self._transaction() as conn:
+            now = time.time()
+            until = now + self.lock_duration
+            sessions = [row[0] for row in conn.execute(OPEN_SESSIONS, self._params(now=now))]
+            for session_id in sessions:
+                wanted = max_messages - len(received)
+                if wanted <= 0:
+                    break
+                received += self._take_from_session(conn, session_id, wanted, now, until)
+        return received
+
+    def _take_from_session(
+        self, conn: sqlite3.Connection, session_id: str, wanted: int, now: float, until: float
+    ) -> list[ReceivedMessage]:
+        """Lock the session's next ``wanted`` available messages, in sequence order.
+
+        A message out of deliveries is dead-lettered on the way and the one after it
+        delivered instead, so a poison head never stalls its session.
+        """
+        params = self._params(session_id=session_id, now=now, until=until)
+        taken: list[ReceivedMessage] = []
+        while len(taken) < wanted:
+            limit = wanted - len(taken)
+            rows = conn.execute(AVAILABLE_IN_SESSION, {**params, "limit": limit}).fetchall()
+            for seq, deliveries in rows:
+                if deliveries >= self.max_delivery_count:
+                    self._dead_letter_exhausted(conn, seq, deliveries, now)
+                else:
+                    taken.append(self._lock_message(conn, seq, until))
+            if len(rows) < limit:
+                break
+        if taken:
+            conn.execute(LOCK_SESSION, params)
+            conn.execute(EXTEND_HELD_LOCKS, params)
+        else:
+            self._tidy_session(conn, session_id, now)
+        return taken
+
+    def _lock_message(self, conn: sqlite3.Connection, seq: int, until: float) -> ReceivedMessage:
+        token = str(uuid.uuid4())
+        row = conn.execute(LOCK_MESSAGE, self._params(seq=seq, token=token, until=until)).fetchone()
+        message_id, session_id, body, properties, enqueued_time, deliveries = row
+        return ReceivedMessage(
+            body=body,
+            message_id=message_id,
+            session_id=session_id,
+            sequence_number=seq,
+            delivery_count=deliveries - 1,
+            enqueued_time=enqueued_time,
+            lock_token=token,
+            locked_until=until,
+            application_properties=json.loads(properties),
+        )
+
+    def _dead_letter_exhausted(
+        self, conn: sqlite3.Connection, seq: int, deliveries: int, now: float
+    ) -> None:
+        description = (
+            f"Delivered {deliveries} times without being completed; the queue's "
+            f"max_delivery_count is {self.max_delivery_count}."
+        )
+        self._move_to_dead_letters(conn, seq, MAX_DELIVERY_COUNT_EXCEEDED, description, now)
+
+    def _move_to_dead_letters(
+        self, conn: sqlite3.Connection, seq: int, reason: str, description: str, now: float
+    ) -> None:
+        params = {"seq": seq, "now": now, "reason": reason, "description": description}
+        conn.execute(MOVE_TO_DEAD_LETTERS, params)
+        conn.execute(DELETE_MESSAGE, params)
+
+    def _tidy_session(self, conn: sqlite3.Connection, session_id: str, now: float) -> None:
+        """Drop the session row once empty; release its lock once we hold no message in it."""
+        params = self._params(session_id=session_id, now=now)
+        conn.execute(DROP_EMPTY_SESSION, params)
+        conn.execute(RELEASE_IDLE_SESSION, params)
+
+    def complete(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Delete the messages in one transaction.
+
+        Messages whose lock is still held are completed even if others in the call lost
+        theirs; ``LockLostError`` then names the lost ones (they are or will be redelivered).
+        """
+        lost: list[ReceivedMessage] = []
+        with self._transaction() as conn:
+            now = time.time()
+            sessions: set[str] = set()
+            for message in messages:
+                row = conn.execute(COMPLETE_MESSAGE, self._lock_params(message, now)).fetchone()
+                if row is None:
+                    lost.append(message)
+                else:
+                    sessions.add(row[0])
+            for session_id in sessions:
+                self._tidy_session(conn, session_id, now)
+        _raise_if_lost(lost, "complete", self.queue)
+
+    def abandon(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Make the messages available again now; redelivery reports delivery_count + 1.
+
+        A message that has used up ``max_delivery_count`` deliveries is dead-lettered right
+        away, as Service Bus does. Lost locks are reported as in ``complete``.
+        """
+        lost: list[ReceivedMessage] = []
+        with self._transaction() as conn:
+            now = time.time()
+            sessions: set[str] = set()
+            for message in messages:
+                row = conn.execute(ABANDON_MESSAGE, self._lock_params(message, now)).fetchone()
+                if row is None:
+                    lost.append(message)
+                    continue
+                session_id, deliveries = row
+                sessions.add(session_id)
+                if deliveries >= self.max_delivery_count:
+                    self._dead_letter_exhausted(conn, message.sequence_number, deliveries, now)
+            for session_id in sessions:
+                self._tidy_session(conn, session_id, now)
+        _raise_if_lost(lost, "abandon", self.queue)
+
+    def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
+        """Move the message to the dead-letter sub-queue with why, for an operator to replay."""
+        with self._transaction() as conn:
+            now = time.time()
+            if conn.execute(HOLDS_LOCK, self._lock_params(message, now)).fetchone() is None:
+                lost = [message]
+            else:
+                lost = []
+                self._move_to_dead_letters(conn, message.sequence_number, reason, description, now)
+                self._tidy_session(conn, message.session_id, now)
+        _raise_if_lost(lost, "dead-letter", self.queue)
+
+    def renew_locks(self, messages: Sequence[ReceivedMessage]) -> list[float]:
+        """Extend the locks by ``lock_duration`` from now; returns the new ``locked_until``.
+
+        Renewing a message renews its session's lock, hence every lock this consumer holds
+        in that session. Locks still held are renewed even if ``LockLostError`` is raised
+        for the others.
+        """
+        lost: list[ReceivedMessage] = []
+        with self._transaction() as conn:
+            now = time.time()
+            until = now + self.lock_duration
+            sessions: set[str] = set()
+            for message in messages:
+                params = {**self._lock_params(message, now), "until": until}
+                row = conn.execute(RENEW_MESSAGE, params).fetchone()
+                if row is None:
+                    lost.append(message)
+                else:
+                    sessions.add(row[0])
+            for session_id in sessions:
+                params = self._params(session_id=session_id, now=now, until=until)
+                conn.execute(LOCK_SESSION, params)
+                conn.execute(EXTEND_HELD_LOCKS, params)
+        _raise_if_lost(lost, "renew the lock of", self.queue)
+        return [until] * len(messages)
+
+    def _lock_params(self, message: ReceivedMessage, now: float) -> dict[str, object]:
+        return self._params(seq=message.sequence_number, token=message.lock_token, now=now)
+
+    # --- DeadLetterStore ----------------------------------------------------------------
+
+    def list_dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The oldest ``limit`` dead letters of this queue, in the order they died."""
+        with self._lock:
+            rows = self._conn.execute(LIST_DEAD_LETTERS, self._params(limit=limit)).fetchall()
+        return [
+            DeadLetter(
+                body=body,
+                message_id=message_id,
+                session_id=session_id,
+                sequence_number=seq,
+                delivery_count=delivery_count,
+                enqueued_time=enqueued_time,
+                dead_lettered_time=dead_lettered_time,
+                reason=reason,
+                description=description,
+                application_properties=json.loads(properties),
+            )
+            for (
+                body,
+                message_id,
+                session_id,
+                seq,
+                delivery_count,
+                enqueued_time,
+                dead_lettered_time,
+                reason,
+                description,
+                properties,
+            ) in rows
+        ]
+
+    def resend_dead_letter(self, sequence_number: int) -> None:
+        """Re-enqueue a copy (same id and session, fresh delivery count) and drop the dead letter.
+
+        Both happen in one transaction, so a crash never loses or doubles the message. The
+        copy bypasses duplicate detection: a replay is deliberate.
+        """
+        with self._transaction() as conn:
+            now = time.time()
+            row = conn.execute(TAKE_DEAD_LETTER, self._params(seq=sequence_number)).fetchone()
+            if row is None:
+                raise KeyError(self._no_dead_letter(sequence_number))
+            message_id, session_id, body, properties = row
+            params = self._params(
+                message_id=message_id,
+                session_id=session_id,
+                body=body,
+                properties=properties,
+                now=now,
+            )
+            conn.execute(REMEMBER_MESSAGE_ID, params)
+            conn.execute(INSERT_MESSAGE, params)
+            conn.execute(ADD_SESSION, params)
+
+    def delete_dead_letter(self, sequence_number: int) -> None:
+        """Discard a dead letter for good."""
+        with self._transaction() as conn:
+            if conn.execute(DELETE_DEAD_LETTER, self._params(seq=sequence_number)).rowcount == 0:
+                raise KeyError(self._no_dead_letter(sequence_number))
+
+    def _no_dead_letter(self, sequence_number: int) -> str:
+        return (
+            f"No dead letter with sequence number {sequence_number} in queue {self.queue!r} "
+            f"of {self.path}; list_dead_letters() shows the ones there are."
+        )
+
+    # --- Monitoring and lifecycle -------------------------------------------------------
+
+    def depth(self) -> int:
+        """Active messages in this queue, locked or not (dead letters excluded)."""
+        with self._lock:
+            return int(self._conn.execute(COUNT_MESSAGES, self._params()).fetchone()[0])
+
+    def dead_letter_count(self) -> int:
+        """Messages in this queue's dead-letter sub-queue."""
+        with self._lock:
+            return int(self._conn.execute(COUNT_DEAD_LETTERS, self._params()).fetchone()[0])
+
+    def close(self) -> None:
+        """Close the connection; locks this consumer holds expire after ``lock_duration``."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SqliteQueue({str(self.path)!r}, queue={self.queue!r})"
+
+
+def _check_id(name: str, value: str) -> None:
+    if not value:
+        raise ValueError(f"{name} must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise ValueError(
+            f"{name} is {len(value)} characters; Service Bus allows at most {MAX_ID_LENGTH}: "
+            f"{value[:40]!r}..."
+        )
+
+
+def _raise_if_lost(lost: list[ReceivedMessage], action: str, queue: str) -> None:
+    if lost:
+        which = ", ".join(f"{m.sequence_number} ({m.message_id!r})" for m in lost)
+        raise LockLostError(
+            f"Could not {action} message(s) {which} in queue {queue!r}: the lock expired or "
+            "the message was settled already. It is (or will be) redelivered; make the "
+            "processing idempotent, or renew locks sooner."
+        )
