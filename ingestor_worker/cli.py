@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -10,6 +11,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from azure.kusto.data.exceptions import KustoError, KustoNetworkError
 from langgraph.checkpoint.kusto.kusto import KustoQueries
 from langgraph.checkpoint.kusto.settings import (
     CLUSTER_ENV,
@@ -20,6 +22,27 @@ from langgraph.checkpoint.kusto.settings import (
     resolve,
 )
 
+_STANDARD_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's extras.
+
+    Callers put identifiers and counts in ``extra``; never payloads or secrets.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD_RECORD_FIELDS})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
 
 class UsageError(Exception):
     """A mistake on the command line or in settings: printed without a traceback."""
@@ -28,15 +51,30 @@ class UsageError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter())
+    quiet_by_default = args.command == "demo"
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        level=logging.DEBUG
+        if args.verbose
+        else (logging.WARNING if quiet_by_default else logging.INFO),
+        handlers=[handler],
     )
     try:
         return int(args.handler(args) or 0)
     except UsageError as exc:
         print(f"langgraph-kusto: {exc}", file=sys.stderr)
         return 2
+    except KustoNetworkError as exc:
+        print(
+            f"langgraph-kusto: cannot reach Kusto ({exc}). Is the cluster URL right, and is "
+            "the local server running (`langgraph-kusto local-kusto`)?",
+            file=sys.stderr,
+        )
+        return 1
+    except KustoError as exc:
+        print(f"langgraph-kusto: Kusto refused the request: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

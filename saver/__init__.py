@@ -6,6 +6,7 @@ reads come from the read cache first, then from one KQL query.
 
 from __future__ import annotations
 
+import builtins
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +20,7 @@ from langgraph.checkpoint.base import (
     CheckpointTuple,
 )
 from langgraph.checkpoint.kusto.outbox import OutboxSender, open_queue
-from langgraph.checkpoint.kusto.shared.assembly import assemble
+from langgraph.checkpoint.kusto.shared.assembly import StoredCheckpoint, assemble
 from langgraph.checkpoint.kusto.shared.envelope import Event
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
@@ -161,7 +162,7 @@ class KustoSaver(BaseKustoSaver):
 
     # -- I/O edges ----------------------------------------------------------
 
-    def _select(self, query: Query) -> list[Any]:
+    def _select(self, query: Query) -> builtins.list[StoredCheckpoint]:
         return assemble(self.queries.run(query))
 
     def _publish(self, event: Event) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -207,7 +208,7 @@ class AsyncKustoSaver(BaseKustoSaver):
 
     # -- I/O edges ----------------------------------------------------------
 
-    async def _select(self, query: Query) -> list[StoredCheckpoint]:
+    async def _select(self, query: Query) -> builtins.list[StoredCheckpoint]:
         return assemble(await self.queries.run(query))
 
     async def _publish(self, event: Event) -> None:

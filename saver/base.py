@@ -6,7 +6,7 @@ import asyncio
 import copy
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -377,7 +377,7 @@ def _require_str(configurable: dict[str, Any], key: str) -> str:
     return value
 
 
-def _json_safe(metadata: dict[str, Any]) -> dict[str, Any]:
+def _json_safe(metadata: Mapping[str, Any]) -> dict[str, Any]:
     """Metadata as JSON values (what lands in Kusto's dynamic column)."""
     return json.loads(json.dumps(metadata, default=str))
 

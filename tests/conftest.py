@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor
 from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
 from langgraph.checkpoint.kusto.kusto import KustoQueries
@@ -45,9 +44,9 @@ def kusto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKust
 
 
 @pytest.fixture(scope="session")
-def stack(kusto_server: LocalKustoServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-    LocalStack
-]:
+def stack(
+    kusto_server: LocalKustoServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalStack]:
     """The shared stack with one in-process worker draining the queue."""
     queue_url = f"sqlite:///{tmp_path_factory.mktemp('queue') / 'outbox.db'}"
     stop = threading.Event()

@@ -14,7 +14,6 @@ import pytest
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.report import ProgressCallbacks
-
 from langgraph.checkpoint.kusto import AsyncKustoSaver, KustoSaver
 
 BASE = {"put", "put_writes", "get_tuple", "list", "delete_thread"}

@@ -6,7 +6,6 @@ import os
 
 import msgpack
 import pytest
-
 from langgraph.checkpoint.kusto.shared.assembly import assemble
 from langgraph.checkpoint.kusto.shared.envelope import (
     Blob,
@@ -143,8 +142,10 @@ def test_writes_keep_first_regular_and_last_special() -> None:
             ),
         )
 
-    rows = event_rows(_put()) + event_rows(writes("w1", 5, b"first")) + event_rows(
-        writes("w2", 6, b"second")
+    rows = (
+        event_rows(_put())
+        + event_rows(writes("w1", 5, b"first"))
+        + event_rows(writes("w2", 6, b"second"))
     )
     [stored] = assemble(rows)
     by_idx = {w.idx: w.value.data for w in stored.writes}
