@@ -17,6 +17,14 @@ What is collected:
 * a constant with placeholders is a template: it is checked through the renderings of the
   builder registered for it in ``BUILDERS``.
 
+What Kusto.Language does not check, and what check.js does instead (codes LGK*):
+commands its grammar does not know give no diagnostic (reported as LGK001); tokens skipped
+after a complete command give none (LGK002); an update policy's query is a string
+(extracted and analysed as a query, its output checked against the target table); an
+ingestion mapping is a string (JSON parsed, column names checked against the table);
+other policy JSON is parsed as JSON only, and plain policy values (an encoding type) are
+not validated at all.
+
 How to add a query:
 
 * A finished KQL constant: nothing to do, it is found.
@@ -303,7 +311,8 @@ def _report(result: dict[str, Any], diagnostics: list[dict[str, Any]]) -> str:
         for d in diagnostics
     )
     notes = "".join(f"\n  note: {note}" for note in result["notes"])
-    return f"{result['name']} ({result['kind']} {result['command_kind'] or ''}):\n{found}{notes}\n{numbered}"
+    kind = f"{result['kind']} {result['command_kind'] or ''}".strip()
+    return f"{result['name']} ({kind}):\n{found}{notes}\n{numbered}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -323,7 +332,7 @@ def test_kql_is_valid(checked: dict[str, Any], name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(MUST_FAIL))
 def test_checker_reports_broken_kql(checked: dict[str, Any], name: str) -> None:
-    text, code = MUST_FAIL[name]
+    code = MUST_FAIL[name][1]
     result = checked["results"][f"must fail: {name}"]
     codes = [d["code"] for d in _errors(result)]
     assert code in codes, f"expected {code}, got {codes}: " + _report(result, result["diagnostics"])
@@ -360,5 +369,5 @@ def test_known_queries_are_collected() -> None:
         "langgraph.checkpoint.kusto.schema.SHOW_SCHEMA",
     ):
         assert expected in names
-    assert TEMPLATES >= set(BUILDERS), f"stale BUILDERS entries: {set(BUILDERS) - TEMPLATES}"
+    assert set(BUILDERS) <= TEMPLATES, f"stale BUILDERS entries: {set(BUILDERS) - TEMPLATES}"
     assert any(item.get("provision") for item in PROJECT_ITEMS)
