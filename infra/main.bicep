@@ -24,13 +24,14 @@ param location string = resourceGroup().location
 @description('Tags applied to every resource.')
 param tags object = {}
 
-// Globally unique names get a stable suffix derived from the resource group.
-var suffix = take(uniqueString(resourceGroup().id, namePrefix), 6)
+@description('Suffix that makes the globally unique names unique; stable for a resource group and prefix.')
+@maxLength(13)
+param nameSuffix string = take(uniqueString(resourceGroup().id, namePrefix), 6)
 
 @description('Service Bus namespace name (globally unique, 6-50 characters).')
 @minLength(6)
 @maxLength(50)
-param serviceBusNamespaceName string = 'sb-${namePrefix}-${suffix}'
+param serviceBusNamespaceName string = 'sb-${namePrefix}-${nameSuffix}'
 
 @description('Name of the outbox queue the saver publishes to and the worker receives from.')
 param queueName string = 'langgraph-checkpoints'
@@ -38,16 +39,16 @@ param queueName string = 'langgraph-checkpoints'
 @description('Azure Data Explorer cluster name (globally unique, 4-22 lowercase letters and digits).')
 @minLength(4)
 @maxLength(22)
-param kustoClusterName string = toLower(take('adx${namePrefix}${suffix}', 22))
+param kustoClusterName string = toLower(take('adx${namePrefix}${nameSuffix}', 22))
 
 @description('Kusto database holding the CheckpointEvents table.')
 param kustoDatabaseName string = 'langgraph'
 
 @description('Log Analytics workspace name (Container Apps logs, Service Bus and Kusto diagnostics).')
-param logAnalyticsWorkspaceName string = 'log-${namePrefix}-${suffix}'
+param logAnalyticsWorkspaceName string = 'log-${namePrefix}-${nameSuffix}'
 
 @description('Container Apps environment name.')
-param containerAppsEnvironmentName string = 'cae-${namePrefix}-${suffix}'
+param containerAppsEnvironmentName string = 'cae-${namePrefix}-${nameSuffix}'
 
 @description('Container app name of the ingestor worker.')
 @maxLength(32)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -18,9 +18,11 @@ from langgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
+    DeltaChannelHistory,
 )
 from langgraph.checkpoint.kusto.outbox import OutboxSender, open_queue
 from langgraph.checkpoint.kusto.shared.assembly import StoredCheckpoint, assemble
+from langgraph.checkpoint.kusto.shared.assembly import channel_history as assemble_channel_history
 from langgraph.checkpoint.kusto.shared.envelope import Event
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
@@ -30,13 +32,15 @@ from .base import (
     CONFIRM_INTERVAL,
     POLL_MAX,
     POLL_START,
+    PRUNE_STRATEGIES,
     BaseKustoSaver,
     Consistency,
     IngestionTimeoutError,
+    keep_latest,
     refuse_event_loop_thread,
 )
 from .kusto import KustoQueries
-from .queries import Query, visible_events
+from .queries import Query, channel_history, visible_events
 from .schema import SHOW_SCHEMA, provision_commands, schema_error, verify_schema
 from .settings import resolve
 
@@ -113,10 +117,8 @@ class KustoSaver(BaseKustoSaver):
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
         refuse_event_loop_thread()
-        event, next_config, stored = self._put_event(config, checkpoint, metadata, new_versions)
+        event, next_config = self._put_event(config, checkpoint, metadata, new_versions)
         self._publish(event)
-        self._remember_put(event, stored)
-        self._confirm_if_over_bound()
         return next_config
 
     def put_writes(
@@ -127,15 +129,48 @@ class KustoSaver(BaseKustoSaver):
         task_path: str = "",
     ) -> None:
         refuse_event_loop_thread()
-        event = self._writes_event(config, writes, task_id, task_path)
-        self._publish(event)
-        self._remember_writes(event)
+        self._publish(self._writes_event(config, writes, task_id, task_path))
 
     def delete_thread(self, thread_id: str) -> None:
         refuse_event_loop_thread()
-        event = self._delete_thread_event(thread_id)
-        self._publish(event)
-        self._remember_delete(event)
+        self._publish(self._delete_thread_event(thread_id))
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        refuse_event_loop_thread()
+        if run_ids:
+            self._publish(self._delete_runs_event(run_ids))
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        refuse_event_loop_thread()
+        source = self._stored({"configurable": {"thread_id": source_thread_id}})
+        self._publish(*self._copy_events(source, target_thread_id))
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        refuse_event_loop_thread()
+        if strategy not in PRUNE_STRATEGIES:
+            raise ValueError(
+                f"strategy must be one of {', '.join(PRUNE_STRATEGIES)}, got {strategy!r}"
+            )
+        for thread_id in thread_ids:
+            if strategy == "delete":
+                self._publish(self._delete_thread_event(thread_id))
+                continue
+            checkpoints = self._stored({"configurable": {"thread_id": thread_id}})
+            if checkpoints:
+                self._publish(self._prune_event(thread_id, keep_latest(checkpoints)))
+
+    def get_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        refuse_event_loop_thread()
+        if not channels:
+            return {}
+        configurable = config["configurable"]
+        query = channel_history(
+            configurable["thread_id"], configurable.get("checkpoint_ns") or "", channels
+        )
+        rows = self.queries.run(query)
+        return self._history(assemble_channel_history(rows), config, channels)
 
     # -- reads --------------------------------------------------------------
 
@@ -156,8 +191,7 @@ class KustoSaver(BaseKustoSaver):
         limit: int | None = None,
     ) -> Iterator[CheckpointTuple]:
         refuse_event_loop_thread()
-        query = self._list_query(config, filter, before, limit)
-        for stored in self._merge(self._select(query), config, filter, before, limit):
+        for stored in self._stored(config, filter=filter, before=before, limit=limit):
             yield self._to_tuple(stored)
 
     # -- I/O edges ----------------------------------------------------------
@@ -165,10 +199,27 @@ class KustoSaver(BaseKustoSaver):
     def _select(self, query: Query) -> builtins.list[StoredCheckpoint]:
         return assemble(self.queries.run(query))
 
-    def _publish(self, event: Event) -> None:
-        self.outbox.send(self._messages(event))
+    def _stored(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> builtins.list[StoredCheckpoint]:
+        query = self._list_query(config, filter, before, limit)
+        return self._merge(self._select(query), config, filter, before, limit)
+
+    def _publish(self, *events: Event) -> None:
+        """Send the events' messages in one call, then (strong) wait for the last."""
+        if not events:
+            return
+        self.outbox.send([m for event in events for m in self._messages(event)])
         if self.consistency is Consistency.STRONG:
-            self._wait_visible(event.event_id)
+            self._wait_visible(events[-1].event_id)
+        for event in events:
+            self._remember(event)
+        self._confirm_if_over_bound()
 
     def _wait_visible(self, event_id: str) -> None:
         deadline = time.monotonic() + self.strong_timeout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -15,9 +15,11 @@ from langgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
+    DeltaChannelHistory,
 )
 from langgraph.checkpoint.kusto.outbox import OutboxSender, open_queue
 from langgraph.checkpoint.kusto.shared.assembly import StoredCheckpoint, assemble
+from langgraph.checkpoint.kusto.shared.assembly import channel_history as assemble_channel_history
 from langgraph.checkpoint.kusto.shared.envelope import Event
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
@@ -26,12 +28,14 @@ from .base import (
     CONFIRM_INTERVAL,
     POLL_MAX,
     POLL_START,
+    PRUNE_STRATEGIES,
     BaseKustoSaver,
     Consistency,
     IngestionTimeoutError,
+    keep_latest,
 )
 from .kusto import AsyncKustoQueries
-from .queries import Query, visible_events
+from .queries import Query, channel_history, visible_events
 from .schema import SHOW_SCHEMA, provision_commands, schema_error, verify_schema
 from .settings import resolve
 
@@ -107,10 +111,8 @@ class AsyncKustoSaver(BaseKustoSaver):
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
     ) -> RunnableConfig:
-        event, next_config, stored = self._put_event(config, checkpoint, metadata, new_versions)
+        event, next_config = self._put_event(config, checkpoint, metadata, new_versions)
         await self._publish(event)
-        self._remember_put(event, stored)
-        await self._confirm_if_over_bound()
         return next_config
 
     async def aput_writes(
@@ -120,14 +122,43 @@ class AsyncKustoSaver(BaseKustoSaver):
         task_id: str,
         task_path: str = "",
     ) -> None:
-        event = self._writes_event(config, writes, task_id, task_path)
-        await self._publish(event)
-        self._remember_writes(event)
+        await self._publish(self._writes_event(config, writes, task_id, task_path))
 
     async def adelete_thread(self, thread_id: str) -> None:
-        event = self._delete_thread_event(thread_id)
-        await self._publish(event)
-        self._remember_delete(event)
+        await self._publish(self._delete_thread_event(thread_id))
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        if run_ids:
+            await self._publish(self._delete_runs_event(run_ids))
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        source = await self._stored({"configurable": {"thread_id": source_thread_id}})
+        await self._publish(*self._copy_events(source, target_thread_id))
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        if strategy not in PRUNE_STRATEGIES:
+            raise ValueError(
+                f"strategy must be one of {', '.join(PRUNE_STRATEGIES)}, got {strategy!r}"
+            )
+        for thread_id in thread_ids:
+            if strategy == "delete":
+                await self._publish(self._delete_thread_event(thread_id))
+                continue
+            checkpoints = await self._stored({"configurable": {"thread_id": thread_id}})
+            if checkpoints:
+                await self._publish(self._prune_event(thread_id, keep_latest(checkpoints)))
+
+    async def aget_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        if not channels:
+            return {}
+        configurable = config["configurable"]
+        query = channel_history(
+            configurable["thread_id"], configurable.get("checkpoint_ns") or "", channels
+        )
+        rows = await self.queries.run(query)
+        return self._history(assemble_channel_history(rows), config, channels)
 
     # -- reads --------------------------------------------------------------
 
@@ -146,8 +177,7 @@ class AsyncKustoSaver(BaseKustoSaver):
         before: RunnableConfig | None = None,
         limit: int | None = None,
     ) -> AsyncIterator[CheckpointTuple]:
-        query = self._list_query(config, filter, before, limit)
-        for stored in self._merge(await self._select(query), config, filter, before, limit):
+        for stored in await self._stored(config, filter=filter, before=before, limit=limit):
             yield self._to_tuple(stored)
 
     # -- sync API, bridged onto the saver's loop ------------------------------
@@ -165,8 +195,7 @@ class AsyncKustoSaver(BaseKustoSaver):
     ) -> Iterator[CheckpointTuple]:
         async def collect() -> list[CheckpointTuple]:
             return [
-                item
-                async for item in self.alist(config, filter=filter, before=before, limit=limit)
+                item async for item in self.alist(config, filter=filter, before=before, limit=limit)
             ]
 
         yield from self._bridge(collect())
@@ -192,6 +221,20 @@ class AsyncKustoSaver(BaseKustoSaver):
     def delete_thread(self, thread_id: str) -> None:
         self._bridge(self.adelete_thread(thread_id))
 
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        self._bridge(self.adelete_for_runs(run_ids))
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._bridge(self.acopy_thread(source_thread_id, target_thread_id))
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        self._bridge(self.aprune(thread_ids, strategy=strategy))
+
+    def get_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        return self._bridge(self.aget_delta_channel_history(config=config, channels=channels))
+
     def _bridge(self, coroutine: Any) -> Any:
         try:
             if asyncio.get_running_loop() is self.loop:
@@ -211,10 +254,28 @@ class AsyncKustoSaver(BaseKustoSaver):
     async def _select(self, query: Query) -> builtins.list[StoredCheckpoint]:
         return assemble(await self.queries.run(query))
 
-    async def _publish(self, event: Event) -> None:
-        await asyncio.to_thread(self.outbox.send, self._messages(event))
+    async def _stored(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> builtins.list[StoredCheckpoint]:
+        query = self._list_query(config, filter, before, limit)
+        return self._merge(await self._select(query), config, filter, before, limit)
+
+    async def _publish(self, *events: Event) -> None:
+        """Send the events' messages in one call, then (strong) wait for the last."""
+        if not events:
+            return
+        messages = [m for event in events for m in self._messages(event)]
+        await asyncio.to_thread(self.outbox.send, messages)
         if self.consistency is Consistency.STRONG:
-            await self._wait_visible(event.event_id)
+            await self._wait_visible(events[-1].event_id)
+        for event in events:
+            self._remember(event)
+        await self._confirm_if_over_bound()
 
     async def _wait_visible(self, event_id: str) -> None:
         deadline = time.monotonic() + self.strong_timeout

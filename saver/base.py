@@ -18,11 +18,18 @@ from langgraph.checkpoint.base import (
     Checkpoint,
     CheckpointMetadata,
     CheckpointTuple,
+    DeltaChannelHistory,
+    PendingWrite,
     get_checkpoint_id,
     get_serializable_checkpoint_metadata,
 )
 from langgraph.checkpoint.kusto.outbox import OutboxMessage
-from langgraph.checkpoint.kusto.shared.assembly import StoredCheckpoint, StoredWrite
+from langgraph.checkpoint.kusto.shared.assembly import (
+    ChannelHistory,
+    StoredCheckpoint,
+    StoredWrite,
+    add_writes,
+)
 from langgraph.checkpoint.kusto.shared.envelope import Blob, Event, EventKind, Write, encode_event
 from langgraph.checkpoint.kusto.shared.framing import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -33,7 +40,7 @@ from langgraph.checkpoint.kusto.shared.ids import SequenceClock, new_event_id
 from langgraph.checkpoint.kusto.shared.rows import StoredValue
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
-from .cache import ReadCache, add_writes
+from .cache import ReadCache
 from .queries import Query, select_checkpoints
 
 
@@ -122,7 +129,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         checkpoint: Checkpoint,
         metadata: CheckpointMetadata,
         new_versions: ChannelVersions,
-    ) -> tuple[Event, RunnableConfig, StoredCheckpoint]:
+    ) -> tuple[Event, RunnableConfig]:
         configurable = config["configurable"]
         thread_id = _require_str(configurable, "thread_id")
         checkpoint_ns = configurable.get("checkpoint_ns") or ""
@@ -156,20 +163,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
                 "checkpoint_id": checkpoint["id"],
             }
         }
-        stored = StoredCheckpoint(
-            thread_id=thread_id,
-            checkpoint_ns=checkpoint_ns,
-            checkpoint_id=checkpoint["id"],
-            parent_checkpoint_id=event.parent_checkpoint_id,
-            checkpoint=StoredValue(event.event_id, event.seq, checkpoint_type, checkpoint_data),
-            metadata=serializable_metadata,
-            channel_versions=event.channel_versions,
-            blobs={
-                blob.channel: StoredValue(event.event_id, event.seq, blob.type, blob.data)
-                for blob in blobs
-            },
-        )
-        return event, next_config, stored
+        return event, next_config
 
     def _dump_value(self, values: dict[str, Any], channel: str) -> tuple[str, bytes]:
         if channel in values:
@@ -214,6 +208,83 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             thread_id=thread_id,
         )
 
+    def _delete_runs_event(self, run_ids: Sequence[str]) -> Event:
+        if isinstance(run_ids, str) or not all(isinstance(r, str) for r in run_ids):
+            raise TypeError("run_ids must be a sequence of strings")
+        return Event(
+            kind=EventKind.DELETE_RUNS,
+            event_id=new_event_id(),
+            seq=self._clock.next(),
+            published_at=time.time(),
+            thread_id=RUNS_SESSION,
+            run_ids=tuple(run_ids),
+        )
+
+    def _prune_event(self, thread_id: str, kept: Iterable[tuple[str, str]]) -> Event:
+        return Event(
+            kind=EventKind.PRUNE,
+            event_id=new_event_id(),
+            seq=self._clock.next(),
+            published_at=time.time(),
+            thread_id=thread_id,
+            kept=tuple(sorted(kept)),
+        )
+
+    def _copy_events(
+        self, source: Sequence[StoredCheckpoint], target_thread_id: str
+    ) -> list[Event]:
+        """Put and put_writes events that recreate ``source`` under another thread id.
+
+        Payloads are copied as stored bytes, never deserialized; each blob goes once, with
+        the first checkpoint that references it (events of a thread ingest in order).
+        """
+        _require_str({"thread_id": target_thread_id}, "thread_id")
+        events: list[Event] = []
+        sent: set[tuple[str, str, str]] = set()
+        for stored in sorted(source, key=lambda c: (c.checkpoint_id, c.checkpoint_ns)):
+            blobs = []
+            for channel, value in stored.blobs.items():
+                version = stored.channel_versions[channel]
+                if (stored.checkpoint_ns, channel, version) not in sent:
+                    sent.add((stored.checkpoint_ns, channel, version))
+                    blobs.append(Blob(channel, version, value.type, value.data))
+            events.append(
+                Event(
+                    kind=EventKind.PUT,
+                    event_id=new_event_id(),
+                    seq=self._clock.next(),
+                    published_at=time.time(),
+                    thread_id=target_thread_id,
+                    checkpoint_ns=stored.checkpoint_ns,
+                    checkpoint_id=stored.checkpoint_id,
+                    parent_checkpoint_id=stored.parent_checkpoint_id,
+                    checkpoint_type=stored.checkpoint.type,
+                    checkpoint_data=stored.checkpoint.data,
+                    channel_versions=dict(stored.channel_versions),
+                    metadata=copy.deepcopy(stored.metadata),
+                    blobs=tuple(blobs),
+                )
+            )
+            if stored.writes:
+                events.append(
+                    Event(
+                        kind=EventKind.PUT_WRITES,
+                        event_id=new_event_id(),
+                        seq=self._clock.next(),
+                        published_at=time.time(),
+                        thread_id=target_thread_id,
+                        checkpoint_ns=stored.checkpoint_ns,
+                        checkpoint_id=stored.checkpoint_id,
+                        writes=tuple(
+                            Write(
+                                w.task_id, w.task_path, w.idx, w.channel, w.value.type, w.value.data
+                            )
+                            for w in stored.writes
+                        ),
+                    )
+                )
+        return events
+
     def _messages(self, event: Event) -> list[OutboxMessage]:
         frames = split_frames(event.event_id, encode_event(event), self.max_message_bytes)
         return [
@@ -228,13 +299,8 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
 
     # -- cache bookkeeping after a successful publish ---------------------
 
-    def _remember_put(self, event: Event, stored: StoredCheckpoint) -> None:
-        if self.cache is not None:
-            self.cache.put(stored, event.event_id)
-
     def _remember_writes(self, event: Event) -> None:
-        if self.cache is None:
-            return
+        assert self.cache is not None
         writes = [
             StoredWrite(
                 w.task_id,
@@ -248,9 +314,20 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         key = (event.thread_id, event.checkpoint_ns, event.checkpoint_id)
         self.cache.put_writes(key, writes, event.event_id)
 
-    def _remember_delete(self, event: Event) -> None:
-        if self.cache is not None:
+    def _remember(self, event: Event) -> None:
+        """Apply a published event to the read cache (read-your-writes)."""
+        if self.cache is None:
+            return
+        if event.kind is EventKind.PUT:
+            self.cache.put(_stored_of(event), event.event_id)
+        elif event.kind is EventKind.PUT_WRITES:
+            self._remember_writes(event)
+        elif event.kind is EventKind.DELETE_THREAD:
             self.cache.delete_thread(event.thread_id, event.seq)
+        elif event.kind is EventKind.DELETE_RUNS:
+            self.cache.delete_runs(event.run_ids, event.seq)
+        elif event.kind is EventKind.PRUNE:
+            self.cache.prune(event.thread_id, event.kept, event.seq)
 
     # -- reads ------------------------------------------------------------
 
@@ -327,9 +404,49 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         return ordered if limit is None else ordered[: max(limit, 0)]
 
     def _visible(self, stored: StoredCheckpoint) -> bool:
-        return self.cache is None or stored.checkpoint.seq > self.cache.deleted_seq(
-            stored.thread_id
-        )
+        return self.cache is None or not self.cache.hides(stored)
+
+    def _history(
+        self,
+        history: ChannelHistory,
+        config: RunnableConfig,
+        channels: Sequence[str],
+    ) -> dict[str, DeltaChannelHistory]:
+        """Walk the parent chain in memory, as the base class defines the result."""
+        configurable = config["configurable"]
+        if self.cache is not None:
+            for stored in self.cache.of_thread(configurable["thread_id"]):
+                if stored.checkpoint_ns == (configurable.get("checkpoint_ns") or ""):
+                    history.add_checkpoint(stored, channels)
+        target = get_checkpoint_id(config) or max(history.parents, default="")
+        collected: dict[str, list[PendingWrite]] = {c: [] for c in channels}
+        seeds: dict[str, Any] = {}
+        remaining = set(channels)
+        cursor = history.parents.get(target) or None
+        visited: set[str] = set()
+        while cursor and remaining and cursor in history.parents and cursor not in visited:
+            visited.add(cursor)
+            versions = history.versions.get(cursor, {})
+            found_here: dict[str, Any] = {}
+            for channel in remaining:
+                blob = history.blobs.get((channel, versions.get(channel, "")))
+                if blob is not None and blob.type != EMPTY_TYPE:
+                    found_here[channel] = self.serde.loads_typed((blob.type, blob.data))
+            for write in reversed(history.writes.get(cursor, [])):
+                if write.channel in remaining:
+                    value = self.serde.loads_typed((write.value.type, write.value.data))
+                    collected[write.channel].append((write.task_id, write.channel, value))
+            for channel, value in found_here.items():
+                seeds[channel] = value
+                remaining.discard(channel)
+            cursor = history.parents.get(cursor) or None
+        result: dict[str, DeltaChannelHistory] = {}
+        for channel in channels:
+            entry: DeltaChannelHistory = {"writes": list(reversed(collected[channel]))}
+            if channel in seeds:
+                entry["seed"] = seeds[channel]
+            result[channel] = entry
+        return result
 
     def _to_tuple(self, stored: StoredCheckpoint) -> CheckpointTuple:
         checkpoint: Checkpoint = self.serde.loads_typed(
@@ -366,6 +483,61 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
                 for w in stored.writes
             ],
         )
+
+
+RUNS_SESSION = "$delete_for_runs"
+"""Queue session of ``delete_for_runs`` events, which belong to no single thread."""
+
+PRUNE_STRATEGIES = ("keep_latest", "delete")
+
+
+def keep_latest(checkpoints: Sequence[StoredCheckpoint]) -> set[tuple[str, str]]:
+    """What ``prune(strategy="keep_latest")`` keeps: per namespace the latest checkpoint,
+    plus the ancestors a ``DeltaChannel`` still needs.
+
+    A channel whose value at the latest checkpoint is stored empty (a DeltaChannel between
+    snapshots) is rebuilt by walking parents to the nearest stored value, so every
+    checkpoint on that walk is kept: pruning it would silently empty the channel.
+    """
+    by_ns: dict[str, dict[str, StoredCheckpoint]] = {}
+    for checkpoint in checkpoints:
+        by_ns.setdefault(checkpoint.checkpoint_ns, {})[checkpoint.checkpoint_id] = checkpoint
+    kept: set[tuple[str, str]] = set()
+    for ns, by_id in by_ns.items():
+        latest = by_id[max(by_id)]
+        kept.add((ns, latest.checkpoint_id))
+        unresolved = {c for c, v in latest.blobs.items() if v.type == EMPTY_TYPE}
+        cursor = by_id.get(latest.parent_checkpoint_id)
+        while unresolved and cursor is not None and (ns, cursor.checkpoint_id) not in kept:
+            kept.add((ns, cursor.checkpoint_id))
+            unresolved -= {
+                c for c in unresolved if c in cursor.blobs and cursor.blobs[c].type != EMPTY_TYPE
+            }
+            cursor = by_id.get(cursor.parent_checkpoint_id)
+    return kept
+
+
+def _typed(value: StoredValue) -> tuple[str, bytes]:
+    return (value.type, value.data)
+
+
+def _stored_of(event: Event) -> StoredCheckpoint:
+    """The cache's form of a put event: the same bytes the worker will ingest."""
+    return StoredCheckpoint(
+        thread_id=event.thread_id,
+        checkpoint_ns=event.checkpoint_ns,
+        checkpoint_id=event.checkpoint_id,
+        parent_checkpoint_id=event.parent_checkpoint_id,
+        checkpoint=StoredValue(
+            event.event_id, event.seq, event.checkpoint_type, event.checkpoint_data
+        ),
+        metadata=event.metadata,
+        channel_versions=dict(event.channel_versions),
+        blobs={
+            blob.channel: StoredValue(event.event_id, event.seq, blob.type, blob.data)
+            for blob in event.blobs
+        },
+    )
 
 
 def _require_str(configurable: dict[str, Any], key: str) -> str:

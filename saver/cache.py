@@ -13,7 +13,12 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from langgraph.checkpoint.kusto.shared.assembly import CheckpointKey, StoredCheckpoint, StoredWrite
+from langgraph.checkpoint.kusto.shared.assembly import (
+    CheckpointKey,
+    StoredCheckpoint,
+    StoredWrite,
+    add_writes,
+)
 from langgraph.checkpoint.kusto.shared.rows import StoredValue
 
 DEFAULT_MAX_ENTRIES = 10_000
@@ -49,6 +54,8 @@ class ReadCache:
         self._entries: OrderedDict[CheckpointKey, _Entry] = OrderedDict()
         self._latest: dict[tuple[str, str], str] = {}
         self._deleted: dict[str, int] = {}
+        self._deleted_runs: dict[str, int] = {}
+        self._pruned: dict[str, tuple[int, frozenset[tuple[str, str]]]] = {}
         self._orphan_writes: dict[CheckpointKey, tuple[set[str], _WriteSlots]] = {}
         self._blobs: dict[_BlobRef, tuple[StoredValue, int]] = {}
         self._bytes = 0
@@ -72,22 +79,17 @@ class ReadCache:
         with self._lock:
             self._remove(checkpoint.key)
             ns_key = (thread_id, checkpoint_ns)
-            blobs: dict[str, StoredValue] = {}
-            for channel, version in checkpoint.channel_versions.items():
-                ref = (thread_id, checkpoint_ns, channel, version)
-                value = checkpoint.blobs.get(channel)
-                if value is None:
-                    held = self._blobs.get(ref)
-                    if held is None:
-                        self._latest.pop(ns_key, None)
-                        return False
-                    value = held[0]
-                blobs[channel] = value
-            for channel, value in blobs.items():
-                self._hold_blob(
-                    (thread_id, checkpoint_ns, channel, checkpoint.channel_versions[channel]), value
-                )
-            checkpoint.blobs = blobs
+            refs = {
+                channel: (thread_id, checkpoint_ns, channel, version)
+                for channel, version in checkpoint.channel_versions.items()
+            }
+            inherited = [c for c in refs if c not in checkpoint.blobs]
+            if any(refs[c] not in self._blobs for c in inherited):
+                self._latest.pop(ns_key, None)
+                return False
+            for channel, ref in refs.items():
+                self._hold_blob(ref, checkpoint.blobs.get(channel))
+            checkpoint.blobs = {}
             size = len(checkpoint.checkpoint.data)
             self._entries[checkpoint.key] = _Entry(checkpoint, {event_id}, size)
             self._bytes += size
@@ -96,13 +98,18 @@ class ReadCache:
             self._evict_confirmed()
             return True
 
-    def _hold_blob(self, ref: _BlobRef, value: StoredValue) -> None:
+    def _hold_blob(self, ref: _BlobRef, value: StoredValue | None) -> None:
+        """Count one more reference; a new value replaces the old one (the later write
+        wins, as it does in Kusto's answer)."""
         held = self._blobs.get(ref)
         if held is None:
+            assert value is not None
             self._blobs[ref] = (value, 1)
             self._bytes += len(value.data)
-        else:
-            self._blobs[ref] = (held[0], held[1] + 1)
+            return
+        if value is not None:
+            self._bytes += len(value.data) - len(held[0].data)
+        self._blobs[ref] = (value or held[0], held[1] + 1)
 
     def _release_blob(self, ref: _BlobRef) -> None:
         value, count = self._blobs[ref]
@@ -175,9 +182,47 @@ class ReadCache:
                 del self._orphan_writes[key]
             self._deleted[thread_id] = seq
 
-    def deleted_seq(self, thread_id: str) -> int:
-        """Sequence of this process's last delete of the thread (0 if none)."""
-        return self._deleted.get(thread_id, 0)
+    def delete_runs(self, run_ids: Iterable[str], seq: int) -> None:
+        runs = set(run_ids)
+        with self._lock:
+            for key in [
+                k for k, e in self._entries.items() if e.checkpoint.metadata.get("run_id") in runs
+            ]:
+                self._remove(key)
+                ns_key = (key[0], key[1])
+                if self._latest.get(ns_key) == key[2]:
+                    del self._latest[ns_key]
+            for run_id in runs:
+                self._deleted_runs[run_id] = seq
+
+    def prune(self, thread_id: str, kept: Iterable[tuple[str, str]], seq: int) -> None:
+        survivors = frozenset(kept)
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == thread_id]:
+                if (key[1], key[2]) not in survivors:
+                    self._remove(key)
+            for ns_key in [k for k in self._latest if k[0] == thread_id]:
+                if (ns_key[1], self._latest[ns_key]) not in survivors:
+                    del self._latest[ns_key]
+            self._pruned[thread_id] = (seq, survivors)
+
+    def hides(self, checkpoint: StoredCheckpoint) -> bool:
+        """Whether a delete or prune this process made hides ``checkpoint`` read from Kusto.
+
+        Kusto may not have ingested that delete yet; the sequence decides, as it does there.
+        """
+        seq = checkpoint.checkpoint.seq
+        if seq < self._deleted.get(checkpoint.thread_id, 0):
+            return True
+        run_id = checkpoint.metadata.get("run_id")
+        if run_id is not None and seq < self._deleted_runs.get(str(run_id), 0):
+            return True
+        pruned = self._pruned.get(checkpoint.thread_id)
+        return (
+            pruned is not None
+            and seq < pruned[0]
+            and (checkpoint.checkpoint_ns, checkpoint.checkpoint_id) not in pruned[1]
+        )
 
     def unconfirmed_event_ids(self, limit: int) -> list[str]:
         with self._lock:
@@ -219,9 +264,9 @@ class ReadCache:
             if not self.over_bound():
                 return
 
-    @staticmethod
-    def _merged(entry: _Entry) -> StoredCheckpoint:
+    def _merged(self, entry: _Entry) -> StoredCheckpoint:
         checkpoint = entry.checkpoint
+        thread_id, checkpoint_ns = checkpoint.thread_id, checkpoint.checkpoint_ns
         return StoredCheckpoint(
             thread_id=checkpoint.thread_id,
             checkpoint_ns=checkpoint.checkpoint_ns,
@@ -230,18 +275,9 @@ class ReadCache:
             checkpoint=checkpoint.checkpoint,
             metadata=checkpoint.metadata,
             channel_versions=checkpoint.channel_versions,
-            blobs=checkpoint.blobs,
+            blobs={
+                channel: self._blobs[(thread_id, checkpoint_ns, channel, version)][0]
+                for channel, version in checkpoint.channel_versions.items()
+            },
             writes=sorted(entry.pending_writes.values(), key=lambda w: w.sort_key),
         )
-
-
-def add_writes(slots: dict[tuple[str, int], StoredWrite], writes: Iterable[StoredWrite]) -> int:
-    """LangGraph's rule: a regular write keeps the first, a special write the last."""
-    added = 0
-    for write in writes:
-        slot = (write.task_id, write.idx)
-        if write.idx >= 0 and slot in slots:
-            continue
-        slots[slot] = write
-        added += len(write.value.data)
-    return added

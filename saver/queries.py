@@ -2,20 +2,18 @@
 
 One query serves ``get_tuple`` and ``list``: it selects the checkpoints, then returns
 their rows, the blob rows they reference and their pending-write rows in one round
-trip. Redelivered copies are dropped by ``RowId``; rows older than a thread's latest
-``delete_thread`` event are hidden by sequence, so a late-arriving older write never
-resurrects a deleted thread.
+trip. Redelivered copies are dropped by ``RowId``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from langgraph.checkpoint.kusto.shared.rows import TABLE, canonical_json, metadata_pairs
 
-SELECT_CHECKPOINTS = """\
+VISIBLE_CHECKPOINTS = """\
 let Scope = {table}
     | where all_threads or ThreadId == thread_id;
 let Deletes = Scope
@@ -26,8 +24,32 @@ let Live = Scope
     | join kind=leftouter Deletes on ThreadId
     | where isnull(DeletedSeq) or EventSeq > DeletedSeq
     | project-away ThreadId1, DeletedSeq;
-let Target = Live
+let RunDeletes = {table}
+    | where RowKind == "delete_run"
+    | summarize RunDeletedSeq = max(EventSeq) by RunId;
+let Prunes = Scope
+    | where RowKind == "prune"
+    | summarize PruneSeq = max(EventSeq), Kept = make_set(CheckpointId)
+        by ThreadId, CheckpointNs, EventId;
+let Pruned = Live
     | where RowKind == "checkpoint" and Chunk == 0
+    | join kind=inner Prunes on ThreadId, CheckpointNs
+    | where EventSeq < PruneSeq and not(set_has_element(Kept, CheckpointId))
+    | summarize by ThreadId, CheckpointNs, CheckpointId;
+let Checkpoints = Live
+    | where RowKind == "checkpoint" and Chunk == 0
+    | join kind=leftouter RunDeletes on RunId
+    | where isnull(RunDeletedSeq) or EventSeq > RunDeletedSeq
+    | join kind=leftanti Pruned on ThreadId, CheckpointNs, CheckpointId
+    | project ThreadId, CheckpointNs, CheckpointId, ParentCheckpointId, MetadataPairs, BlobKeys;"""
+"""Checkpoints a reader may see: not deleted with their thread or run, not pruned.
+
+Deletes hide by sequence, not by arrival: a write published before a delete stays
+hidden even when it is ingested after it."""
+
+SELECT_CHECKPOINTS = """\
+{visible}
+let Target = Checkpoints
     | where isempty(checkpoint_id) or CheckpointId == checkpoint_id
     | where isempty(before_id) or strcmp(CheckpointId, before_id) < 0{metadata_filter}
     | summarize by ThreadId, CheckpointNs, CheckpointId
@@ -46,6 +68,23 @@ let BlobRows = Live
     | project-away ThreadId1, CheckpointNs1, BlobKey1;
 union TargetRows, BlobRows
 | summarize arg_max(EventSeq, *) by RowId"""
+
+CHANNEL_HISTORY = """\
+{visible}
+let Chain = Live
+    | where RowKind == "checkpoint"
+    | join kind=inner Checkpoints on ThreadId, CheckpointNs, CheckpointId
+    | where Chunk == 0
+    | project-away ThreadId1, CheckpointNs1, CheckpointId1, ParentCheckpointId1,
+        MetadataPairs1, BlobKeys1
+    | extend Payload = "";
+let ChannelRows = Live
+    | where RowKind in ("blob", "write") and Channel in ({channels});
+union Chain, ChannelRows
+| summarize arg_max(EventSeq, *) by RowId"""
+"""One round trip for ``get_delta_channel_history``: the thread's visible checkpoint
+skeletons (parents and blob keys, no payload) plus every blob and write of the channels
+asked for; the ancestor walk then runs in memory."""
 
 MAX_LIMIT = 1_000_000
 """Beyond Kusto's default result truncation (500k rows) a larger page makes no sense."""
@@ -71,20 +110,8 @@ def select_checkpoints(
     ``thread_id``/``checkpoint_ns`` of ``None`` mean all threads / all namespaces.
     """
     pairs = _filter_pairs(metadata_filter or {})
-    declarations = [
-        "all_threads:bool",
-        "thread_id:string",
-        "all_namespaces:bool",
-        "checkpoint_ns:string",
-        "checkpoint_id:string",
-        "before_id:string",
-        *(f"f{i}:string" for i in range(len(pairs))),
-    ]
-    parameters: dict[str, Any] = {
-        "all_threads": thread_id is None,
-        "thread_id": thread_id or "",
-        "all_namespaces": checkpoint_ns is None,
-        "checkpoint_ns": checkpoint_ns or "",
+    parameters = {
+        **_scope(thread_id, checkpoint_ns),
         "checkpoint_id": checkpoint_id or "",
         "before_id": before_id or "",
         **{f"f{i}": pair for i, pair in enumerate(pairs)},
@@ -93,9 +120,41 @@ def select_checkpoints(
         f"\n    | where set_has_element(MetadataPairs, f{i})" for i in range(len(pairs))
     )
     body = SELECT_CHECKPOINTS.format(
-        table=TABLE, metadata_filter=metadata_clause, limit=_limit(limit)
+        visible=_visible(), metadata_filter=metadata_clause, limit=_limit(limit)
     )
-    return Query(f"declare query_parameters({', '.join(declarations)});\n{body}", parameters)
+    return _declared(body, parameters)
+
+
+def channel_history(thread_id: str, checkpoint_ns: str, channels: Sequence[str]) -> Query:
+    """The rows ``get_delta_channel_history`` needs for ``channels`` of one thread."""
+    parameters = {
+        **_scope(thread_id, checkpoint_ns),
+        **{f"c{i}": str(channel) for i, channel in enumerate(channels)},
+    }
+    names = ", ".join(f"c{i}" for i in range(len(channels)))
+    return _declared(CHANNEL_HISTORY.format(visible=_visible(), channels=names), parameters)
+
+
+def _scope(thread_id: str | None, checkpoint_ns: str | None) -> dict[str, Any]:
+    return {
+        "all_threads": thread_id is None,
+        "thread_id": thread_id or "",
+        "all_namespaces": checkpoint_ns is None,
+        "checkpoint_ns": checkpoint_ns or "",
+    }
+
+
+def _visible() -> str:
+    return VISIBLE_CHECKPOINTS.format(table=TABLE)
+
+
+def _declared(body: str, parameters: Mapping[str, Any]) -> Query:
+    """Prefix ``declare query_parameters``, typed from the values."""
+    declarations = ", ".join(
+        f"{name}:{'bool' if isinstance(value, bool) else 'string'}"
+        for name, value in parameters.items()
+    )
+    return Query(f"declare query_parameters({declarations});\n{body}", dict(parameters))
 
 
 def _limit(limit: int | None) -> int:

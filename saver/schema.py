@@ -36,9 +36,9 @@ def missing_columns(cslschema: str) -> list[str]:
     for item in cslschema.split(","):
         name, _, kind = item.strip().partition(":")
         present[name.strip()] = kind.strip().lower()
-    return [
-        f"{name}:{kind}" for name, kind in COLUMNS if present.get(name) not in (kind, None)
-    ] + [f"{name}:{kind}" for name, kind in COLUMNS if name not in present]
+    return [f"{name}:{kind}" for name, kind in COLUMNS if present.get(name) not in (kind, None)] + [
+        f"{name}:{kind}" for name, kind in COLUMNS if name not in present
+    ]
 
 
 def schema_error(detail: str) -> SchemaError:

@@ -151,3 +151,84 @@ def _resolve_write(
     if keep_last:
         return max(complete, key=lambda item: item[1].seq, default=None)
     return min(complete, key=lambda item: item[1].seq, default=None)
+
+
+@dataclass(slots=True)
+class ChannelHistory:
+    """What the ancestor walk of ``get_delta_channel_history`` needs, for some channels."""
+
+    parents: dict[str, str] = field(default_factory=dict)
+    """checkpoint id -> parent checkpoint id ('' at the root)."""
+    versions: dict[str, dict[str, str]] = field(default_factory=dict)
+    """checkpoint id -> channel -> version."""
+    blobs: dict[tuple[str, str], StoredValue] = field(default_factory=dict)
+    """(channel, version) -> stored value."""
+    writes: dict[str, list[StoredWrite]] = field(default_factory=dict)
+    """checkpoint id -> its pending writes to the channels asked for."""
+
+    def add_checkpoint(self, checkpoint: StoredCheckpoint, channels: Iterable[str]) -> None:
+        wanted = set(channels)
+        self.parents[checkpoint.checkpoint_id] = checkpoint.parent_checkpoint_id
+        self.versions[checkpoint.checkpoint_id] = checkpoint.channel_versions
+        for channel, value in checkpoint.blobs.items():
+            if channel in wanted:
+                self.blobs[(channel, checkpoint.channel_versions[channel])] = value
+        slots = {(w.task_id, w.idx): w for w in self.writes.get(checkpoint.checkpoint_id, [])}
+        add_writes(slots, [w for w in checkpoint.writes if w.channel in wanted])
+        self.writes[checkpoint.checkpoint_id] = sorted(slots.values(), key=lambda w: w.sort_key)
+
+
+def channel_history(rows: Iterable[Mapping[str, Any]]) -> ChannelHistory:
+    """Rows of the channel-history query: checkpoint skeletons, blobs and writes."""
+    history = ChannelHistory()
+    blob_parts: dict[tuple[str, str], dict[str, list[Mapping[str, Any]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    write_parts: dict[str, dict[tuple[str, int], dict[str, list[Mapping[str, Any]]]]] = (
+        defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    )
+    for row in rows:
+        kind = row["RowKind"]
+        if kind == RowKind.CHECKPOINT:
+            checkpoint_id = str(row["CheckpointId"])
+            history.parents[checkpoint_id] = str(row.get("ParentCheckpointId") or "")
+            history.versions[checkpoint_id] = _versions(row.get("BlobKeys"))
+        elif kind == RowKind.BLOB:
+            key = (str(row["Channel"]), str(row["Version"]))
+            blob_parts[key][str(row["EventId"])].append(row)
+        elif kind == RowKind.WRITE:
+            slot = (str(row["TaskId"]), int(row["WriteIdx"]))
+            write_parts[str(row["CheckpointId"])][slot][str(row["EventId"])].append(row)
+    for key, by_event in blob_parts.items():
+        chosen = _latest_complete(by_event)
+        if chosen is not None:
+            history.blobs[key] = chosen[1]
+    for checkpoint_id, slots in write_parts.items():
+        writes = []
+        for (task_id, idx), by_event in slots.items():
+            resolved = _resolve_write(by_event, keep_last=idx < 0)
+            if resolved is not None:
+                head = resolved[0][0]
+                writes.append(
+                    StoredWrite(
+                        task_id,
+                        str(head.get("TaskPath") or ""),
+                        idx,
+                        str(head["Channel"]),
+                        resolved[1],
+                    )
+                )
+        history.writes[checkpoint_id] = sorted(writes, key=lambda w: w.sort_key)
+    return history
+
+
+def add_writes(slots: dict[tuple[str, int], StoredWrite], writes: Iterable[StoredWrite]) -> int:
+    """LangGraph's rule: a regular write keeps the first, a special write the last."""
+    added = 0
+    for write in writes:
+        slot = (write.task_id, write.idx)
+        if write.idx >= 0 and slot in slots:
+            continue
+        slots[slot] = write
+        added += len(write.value.data)
+    return added

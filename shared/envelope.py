@@ -23,6 +23,8 @@ class EventKind(StrEnum):
     PUT = "put"
     PUT_WRITES = "put_writes"
     DELETE_THREAD = "delete_thread"
+    DELETE_RUNS = "delete_runs"
+    PRUNE = "prune"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,10 @@ class Event:
     metadata: dict[str, Any] = field(default_factory=dict)
     blobs: tuple[Blob, ...] = ()
     writes: tuple[Write, ...] = ()
+    run_ids: tuple[str, ...] = ()
+    """``delete_runs``: the runs whose checkpoints (and their writes) are deleted."""
+    kept: tuple[tuple[str, str], ...] = ()
+    """``prune``: the (checkpoint_ns, checkpoint_id) that survive; older ones are pruned."""
 
 
 def encode_event(event: Event) -> bytes:
@@ -93,6 +99,8 @@ def encode_event(event: Event) -> bytes:
             "writes": [
                 [w.task_id, w.task_path, w.idx, w.channel, w.type, w.data] for w in event.writes
             ],
+            "runs": list(event.run_ids),
+            "kept": [list(k) for k in event.kept],
         },
         use_bin_type=True,
     )
@@ -130,6 +138,8 @@ def decode_event(data: bytes) -> Event:
                 Write(*_fields(w, (str, str, int, str, str, bytes), "write"))
                 for w in raw["writes"]
             ),
+            run_ids=tuple(_typed(r, str, "runs") for r in raw["runs"]),
+            kept=tuple(tuple(_fields(k, (str, str), "kept")) for k in raw["kept"]),
         )
     except KeyError as exc:
         raise EnvelopeError(f"envelope lacks field {exc.args[0]!r}") from exc

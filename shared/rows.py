@@ -43,6 +43,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("Metadata", "dynamic"),
     ("MetadataPairs", "dynamic"),
     ("BlobKeys", "dynamic"),
+    ("RunId", "string"),
 )
 COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
 
@@ -57,6 +58,8 @@ class RowKind:
     BLOB = "blob"
     WRITE = "write"
     DELETE_THREAD = "delete_thread"
+    DELETE_RUN = "delete_run"
+    PRUNE = "prune"
 
 
 def blob_key(channel: str, version: str) -> str:
@@ -94,6 +97,7 @@ def event_rows(event: Event) -> list[dict[str, Any]]:
             "Metadata": event.metadata,
             "MetadataPairs": metadata_pairs(event.metadata),
             "BlobKeys": [blob_key(c, v) for c, v in sorted(event.channel_versions.items())],
+            "RunId": str(event.metadata.get("run_id") or ""),
         }
         rows.extend(_chunked(checkpoint, event.checkpoint_data))
         for blob in event.blobs:
@@ -129,6 +133,13 @@ def event_rows(event: Event) -> list[dict[str, Any]]:
             )
     elif event.kind is EventKind.DELETE_THREAD:
         rows.append({**base, "RowKind": RowKind.DELETE_THREAD})
+    elif event.kind is EventKind.DELETE_RUNS:
+        rows.extend({**base, "RowKind": RowKind.DELETE_RUN, "RunId": run} for run in event.run_ids)
+    elif event.kind is EventKind.PRUNE:
+        rows.extend(
+            {**base, "RowKind": RowKind.PRUNE, "CheckpointNs": ns, "CheckpointId": checkpoint_id}
+            for ns, checkpoint_id in event.kept
+        )
     for index, row in enumerate(rows):
         row["RowId"] = row_id(event.event_id, index)
     return rows

@@ -16,7 +16,16 @@ from langgraph.checkpoint.conformance import checkpointer_test, validate
 from langgraph.checkpoint.conformance.report import ProgressCallbacks
 from langgraph.checkpoint.kusto import AsyncKustoSaver, KustoSaver
 
-BASE = {"put", "put_writes", "get_tuple", "list", "delete_thread"}
+ALL = {
+    "put",
+    "put_writes",
+    "get_tuple",
+    "list",
+    "delete_thread",
+    "delete_for_runs",
+    "copy_thread",
+    "prune",
+}
 
 
 class CountingQueries:
@@ -43,7 +52,7 @@ def _report(report: Any) -> str:
 
 
 @pytest.mark.parametrize("consistency", ["session", "strong"])
-async def test_async_saver_passes_base_conformance(stack: Any, consistency: str) -> None:
+async def test_async_saver_passes_full_conformance(stack: Any, consistency: str) -> None:
     counters: list[CountingQueries] = []
 
     @checkpointer_test(name=f"AsyncKustoSaver[{consistency}]")
@@ -56,8 +65,9 @@ async def test_async_saver_passes_base_conformance(stack: Any, consistency: str)
             counters.append(counter)
             yield saver
 
-    report = await validate(factory, capabilities=BASE, progress=ProgressCallbacks.quiet())
-    assert report.passed_all_base(), _report(report)
+    report = await validate(factory, capabilities=ALL, progress=ProgressCallbacks.quiet())
+    assert report.passed_all(), _report(report)
+    assert all(r.detected for r in report.results.values()), _report(report)
     if consistency == "strong":
         # No cache exists in strong mode: every read was a KQL query.
         assert sum(c.selects for c in counters) > 0
@@ -90,12 +100,21 @@ class SyncAdapter(BaseCheckpointSaver):
     async def adelete_thread(self, thread_id: str) -> None:
         await asyncio.to_thread(self.inner.delete_thread, thread_id)
 
+    async def adelete_for_runs(self, run_ids: Any) -> None:
+        await asyncio.to_thread(self.inner.delete_for_runs, run_ids)
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        await asyncio.to_thread(self.inner.copy_thread, source_thread_id, target_thread_id)
+
+    async def aprune(self, thread_ids: Any, *, strategy: str = "keep_latest") -> None:
+        await asyncio.to_thread(self.inner.prune, thread_ids, strategy=strategy)
+
     def get_next_version(self, current: Any, channel: Any) -> Any:
         return self.inner.get_next_version(current, channel)
 
 
 @pytest.mark.parametrize("consistency", ["session", "strong"])
-async def test_sync_saver_passes_base_conformance(stack: Any, consistency: str) -> None:
+async def test_sync_saver_passes_full_conformance(stack: Any, consistency: str) -> None:
     @checkpointer_test(name=f"KustoSaver[{consistency}]")
     async def factory() -> AsyncIterator[SyncAdapter]:
         contexts: Iterator[KustoSaver] = KustoSaver.from_conn_string(
@@ -107,5 +126,6 @@ async def test_sync_saver_passes_base_conformance(stack: Any, consistency: str) 
         finally:
             await asyncio.to_thread(contexts.__exit__, None, None, None)
 
-    report = await validate(factory, capabilities=BASE, progress=ProgressCallbacks.quiet())
-    assert report.passed_all_base(), _report(report)
+    report = await validate(factory, capabilities=ALL, progress=ProgressCallbacks.quiet())
+    assert report.passed_all(), _report(report)
+    assert all(r.detected for r in report.results.values()), _report(report)

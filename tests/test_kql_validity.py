@@ -54,7 +54,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from langgraph.checkpoint.kusto.queries import select_checkpoints, visible_events
+from langgraph.checkpoint.kusto.queries import (
+    VISIBLE_CHECKPOINTS,
+    channel_history,
+    select_checkpoints,
+    visible_events,
+)
 from langgraph.checkpoint.kusto.schema import provision_commands
 from langgraph.checkpoint.kusto.settings import DEFAULT_DATABASE
 from langgraph.checkpoint.kusto.shared.rows import COLUMNS, TABLE
@@ -106,9 +111,29 @@ def visible_events_renderings() -> Iterator[Rendering]:
         yield f"visible_events({len(ids)} ids)", visible_events(ids).text
 
 
+def channel_history_renderings() -> Iterator[Rendering]:
+    for channels in (["messages"], ["messages", "x'|;//", "c"]):
+        query = channel_history("thread-1", "", channels)
+        yield f"channel_history({len(channels)} channels)", query.text
+
+
+def visible_checkpoints_renderings() -> Iterator[Rendering]:
+    """The shared visibility prelude on its own, ending in the table it defines."""
+    declare = (
+        "declare query_parameters(all_threads:bool, thread_id:string, "
+        "all_namespaces:bool, checkpoint_ns:string);\n"
+    )
+    yield (
+        "VISIBLE_CHECKPOINTS prelude",
+        declare + VISIBLE_CHECKPOINTS.format(table=TABLE) + ("\nCheckpoints"),
+    )
+
+
 BUILDERS: dict[str, Callable[[], Iterator[Rendering]]] = {
     "langgraph.checkpoint.kusto.queries.SELECT_CHECKPOINTS": select_checkpoints_renderings,
     "langgraph.checkpoint.kusto.queries.VISIBLE_EVENTS": visible_events_renderings,
+    "langgraph.checkpoint.kusto.queries.CHANNEL_HISTORY": channel_history_renderings,
+    "langgraph.checkpoint.kusto.queries.VISIBLE_CHECKPOINTS": visible_checkpoints_renderings,
 }
 
 OTHER_RENDERINGS: list[Callable[[], Iterator[Rendering]]] = []
@@ -124,6 +149,7 @@ KQL_START = re.compile(
       | \.[a-z][a-z-]*\s                  # management command
       | [A-Za-z_]\w*\s*\|                 # Table | ...
       | \{[A-Za-z_]\w*\}\s*\|             # {table} | ...   (template)
+      | \{[A-Za-z_]\w*\}\s*\n\s*let\s      # {prelude} then let statements (template)
     )""",
     re.VERBOSE,
 )

@@ -47,7 +47,8 @@ def test_wheel_installs_into_clean_venv_under_the_langgraph_namespace(tmp_path: 
     )
     site_packages = Path(probe.stdout.strip())
     top_level = {p.name for p in site_packages.iterdir()}
-    assert not (GENERIC_NAMES & top_level), f"generic top-level modules: {GENERIC_NAMES & top_level}"
+    generic = GENERIC_NAMES & top_level
+    assert not generic, f"generic top-level modules: {generic}"
     assert (site_packages / "langgraph" / "checkpoint" / "kusto" / "provision.kql").is_file()
     cli = subprocess.run(
         [str(env_dir / "bin" / "langgraph-kusto"), "--help"],

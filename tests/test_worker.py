@@ -207,7 +207,7 @@ def test_a_batch_ingested_twice_is_seen_once(stack: Any) -> None:
     thread_id = f"twice-{uuid.uuid4().hex[:8]}"
     queue_url = stack.queue_url
     with KustoSaver.from_conn_string(queue_url, stack.cluster, stack.database) as saver:
-        event, _, _ = saver._put_event(
+        event, _ = saver._put_event(
             {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
             empty_checkpoint(),
             {"source": "input", "step": -1},

@@ -39,15 +39,21 @@ var roles = {
   owner: '090c5cfd-751d-490a-894a-3ce6f1109419' // Azure Service Bus Data Owner
 }
 
-resource namespace 'Microsoft.ServiceBus/namespaces@2024-01-01' = {
+var premiumSku = {
+  name: 'Premium'
+  tier: 'Premium'
+  capacity: premiumCapacity
+}
+var standardSku = {
+  name: 'Standard'
+  tier: 'Standard'
+}
+
+resource sbNamespace 'Microsoft.ServiceBus/namespaces@2024-01-01' = {
   name: namespaceName
   location: location
   tags: tags
-  sku: {
-    name: sku
-    tier: sku
-    capacity: sku == 'Premium' ? premiumCapacity : null
-  }
+  sku: sku == 'Premium' ? premiumSku : standardSku
   properties: {
     // Entra ID only: no SAS keys exist that could leak; every client uses a managed identity.
     disableLocalAuth: true
@@ -58,7 +64,7 @@ resource namespace 'Microsoft.ServiceBus/namespaces@2024-01-01' = {
 }
 
 resource queue 'Microsoft.ServiceBus/namespaces/queues@2024-01-01' = {
-  parent: namespace
+  parent: sbNamespace
   name: queueName
   properties: {
     requiresSession: true
@@ -131,7 +137,7 @@ resource operatorSenders 'Microsoft.Authorization/roleAssignments@2022-04-01' = 
 
 resource diagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' = {
   name: 'to-log-analytics'
-  scope: namespace
+  scope: sbNamespace
   properties: {
     workspaceId: logAnalyticsWorkspaceId
     logs: [
@@ -149,8 +155,8 @@ resource diagnostics 'Microsoft.Insights/diagnosticSettings@2021-05-01-preview' 
   }
 }
 
-output namespaceName string = namespace.name
+output namespaceName string = sbNamespace.name
 output queueName string = queue.name
 
 // sb://<namespace>.servicebus.windows.net/<queue>, from the endpoint so sovereign clouds work.
-output queueUrl string = '${replace(replace(namespace.properties.serviceBusEndpoint, 'https://', 'sb://'), ':443/', '/')}${queue.name}'
+output queueUrl string = '${replace(replace(sbNamespace.properties.serviceBusEndpoint, 'https://', 'sb://'), ':443/', '/')}${queue.name}'

@@ -52,7 +52,7 @@ resource acrPull 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!emp
   }
 }
 
-resource environment 'Microsoft.App/managedEnvironments@2025-01-01' = {
+resource containerAppsEnvironment 'Microsoft.App/managedEnvironments@2025-01-01' = {
   name: environmentName
   location: location
   tags: tags
@@ -85,7 +85,7 @@ resource app 'Microsoft.App/containerApps@2025-01-01' = {
     }
   }
   properties: {
-    environmentId: environment.id
+    environmentId: containerAppsEnvironment.id
     workloadProfileName: 'Consumption'
     configuration: {
       // No ingress: the worker pulls from the queue. Probes reach the container directly.
@@ -197,4 +197,4 @@ resource app 'Microsoft.App/containerApps@2025-01-01' = {
 }
 
 output appName string = app.name
-output environmentId string = environment.id
+output environmentId string = containerAppsEnvironment.id
