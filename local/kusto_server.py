@@ -27,6 +27,7 @@ the DuckDB file; any number of client processes go through HTTP.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import datetime as dt
@@ -37,10 +38,12 @@ import json
 import math
 import re
 import signal
+import socket
 import sys
 import threading
 import time
 import uuid
+import weakref
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
@@ -999,6 +1002,35 @@ class LocalKustoRestServer(KustoRestServer):
         )
         self.RequestHandlerClass = _LocalHandler
         self.max_streaming_bytes = max_streaming_bytes
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+
+    # -- connection tracking, so close() can end keep-alive handler threads --------
+
+    def get_request(self) -> tuple[Any, Any]:
+        request, address = super().get_request()
+        with self._connections_lock:
+            self._connections.add(request)
+        return request, address
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def hang_up(self) -> None:
+        """End every open client connection.
+
+        A handler thread of a keep-alive connection otherwise lives until the client
+        goes away, which may be interpreter exit; a thread that drops the last reference
+        to the DuckDB connection then runs DuckDB's destructor during finalization, and
+        the process aborts ("FATAL: exception not rethrown").
+        """
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hangs up mid-response is routine (test teardown, Ctrl-C); only
@@ -1743,6 +1775,18 @@ def _open_database(data_dir: Path | None, database: str) -> tuple[Any, str]:
 # ---------------------------------------------------------------------------
 
 
+#: Servers not yet closed. Closed at exit, while threads still run normally: left to
+#: interpreter finalization, DuckDB's destructor may run on a dying thread (see hang_up).
+_OPEN_SERVERS: weakref.WeakSet[LocalKustoServer] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_servers() -> None:
+    for server in list(_OPEN_SERVERS):
+        with contextlib.suppress(Exception):
+            server.close()
+
+
 class LocalKustoServer:
     """A running local Kusto endpoint: ``.url`` for the SDKs, ``.close()`` to stop.
 
@@ -1772,9 +1816,10 @@ class LocalKustoServer:
         except BaseException:
             con.close()
             raise
-        self._con = con
+        self._con: Any = con
         self._thread: threading.Thread | None = None
         self._closed = False
+        _OPEN_SERVERS.add(self)
 
     @property
     def url(self) -> str:
@@ -1815,14 +1860,20 @@ class LocalKustoServer:
         if self._closed:
             return
         self._closed = True
+        _OPEN_SERVERS.discard(self)
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(timeout=10)
         self._server.server_close()
+        self._server.hang_up()
         with self._server._lock:  # an in-flight request still holds the connection
             with contextlib.suppress(Exception):
                 self._con.execute("CHECKPOINT")
             self._con.close()
+            # Release the DuckDB object here, on the closing thread: whichever thread
+            # drops the last reference runs its destructor (see hang_up).
+            self._server._con = None  # type: ignore[assignment]
+            self._con = None
 
     def __enter__(self) -> LocalKustoServer:
         return self.start()

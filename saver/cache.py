@@ -76,22 +76,38 @@ class ReadCache:
         cached and reads of the thread go to Kusto. ``False`` says so.
         """
         thread_id, checkpoint_ns = checkpoint.thread_id, checkpoint.checkpoint_ns
+        ns_key = (thread_id, checkpoint_ns)
+        refs = {
+            channel: (thread_id, checkpoint_ns, channel, version)
+            for channel, version in checkpoint.channel_versions.items()
+        }
         with self._lock:
-            self._remove(checkpoint.key)
-            ns_key = (thread_id, checkpoint_ns)
-            refs = {
-                channel: (thread_id, checkpoint_ns, channel, version)
-                for channel, version in checkpoint.channel_versions.items()
-            }
-            inherited = [c for c in refs if c not in checkpoint.blobs]
-            if any(refs[c] not in self._blobs for c in inherited):
+            complete = all(c in checkpoint.blobs or ref in self._blobs for c, ref in refs.items())
+            if complete:
+                # Hold the new references before releasing an earlier put's, which may be
+                # the only holder of a blob this checkpoint inherits.
+                for channel, ref in refs.items():
+                    self._hold_blob(ref, checkpoint.blobs.get(channel))
+            # Pending writes may arrive before their checkpoint (LangGraph saves checkpoints
+            # in the background while the next step runs); they, like the writes of an
+            # earlier put of the same id, belong to the entry.
+            previous = self._remove(checkpoint.key)
+            held = self._orphan_writes.pop(checkpoint.key, None)
+            pending: _WriteSlots = dict(previous.pending_writes) if previous else {}
+            event_ids = {event_id}
+            if held is not None:
+                event_ids |= held[0]
+                add_writes(pending, held[1].values())
+            if not complete:
                 self._latest.pop(ns_key, None)
+                if pending:
+                    self._orphan_writes[checkpoint.key] = (event_ids, pending)
                 return False
-            for channel, ref in refs.items():
-                self._hold_blob(ref, checkpoint.blobs.get(channel))
             checkpoint.blobs = {}
-            size = len(checkpoint.checkpoint.data)
-            self._entries[checkpoint.key] = _Entry(checkpoint, {event_id}, size)
+            size = len(checkpoint.checkpoint.data) + sum(
+                len(w.value.data) for w in pending.values()
+            )
+            self._entries[checkpoint.key] = _Entry(checkpoint, event_ids, size, False, pending)
             self._bytes += size
             if checkpoint.checkpoint_id >= self._latest.get(ns_key, ""):
                 self._latest[ns_key] = checkpoint.checkpoint_id

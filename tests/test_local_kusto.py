@@ -512,6 +512,21 @@ def test_strcmp_orders_strings_like_kusto(client: KustoClient) -> None:
     assert rows == [{"lt": -1, "gt": 1, "eq": 0, "case": -1}]
 
 
+def test_materialized_view_is_an_always_fresh_view(client: KustoClient) -> None:
+    mgmt(client, ".create table T (k:string, s:long, v:string)")
+    mgmt(
+        client,
+        ".create-or-alter materialized-view with (backfill=true) Latest on table T "
+        "{ T | summarize arg_max(s, *) by k }",
+    )
+    mgmt(client, ".ingest inline into table T <|\na,1,x\na,2,y\nb,1,z")
+    assert query(client, "Latest | order by k asc") == [
+        {"k": "a", "s": 2, "v": "y"},
+        {"k": "b", "s": 1, "v": "z"},
+    ]
+    assert [t["TableName"] for t in mgmt(client, ".show tables")] == ["T"]
+
+
 # ---------------------------------------------------------------------------
 # The KQL the saver runs (regression guard for duckdb-kql's translator)
 # ---------------------------------------------------------------------------

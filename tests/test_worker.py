@@ -112,12 +112,15 @@ def test_sigkilled_worker_loses_nothing_and_readers_see_no_duplicates(
             # Let the new worker ingest some batches, then kill it without warning.
             target = distinct + total // 8
             while _counts(stack, prefix)[1] < min(target, total - 1):
+                assert workers[-1].poll() is None, "the worker exited on its own"
+                assert time.monotonic() < deadline, "the worker made no progress"
                 time.sleep(0.02)
             workers[-1].send_signal(signal.SIGKILL)
             workers[-1].wait(timeout=10)
             kills += 1
         else:
             while _counts(stack, prefix)[1] < total and time.monotonic() < deadline:
+                assert workers[-1].poll() is None, "the worker exited on its own"
                 time.sleep(0.1)
     assert kills == 3
 

@@ -41,12 +41,11 @@ from . import (
     OutboxError,
     OutboxMessage,
     ReceivedMessage,
+    queue_id,
+    replay_message_id,
 )
 
 __all__ = ["SqliteQueue"]
-
-MAX_ID_LENGTH = 128
-"""Service Bus rejects message and session ids longer than this; so do we, to match Azure."""
 
 BUSY_TIMEOUT_SECONDS = 30.0
 """How long a transaction waits for another process's write lock before giving up."""
@@ -369,7 +368,9 @@ class SqliteQueue:
 
         A message whose id this queue accepted within ``duplicate_detection_window`` seconds
         (earlier in the same call included) is dropped silently, as Service Bus does, so a
-        saver that retries a publish after a crash does not enqueue twice.
+        saver that retries a publish after a crash does not enqueue twice. Ids longer than
+        Service Bus allows are stored in their ``queue_id`` form, as the Service Bus backend
+        sends them.
         """
         for message in messages:
             _check_id("message_id", message.message_id)
@@ -382,8 +383,8 @@ class SqliteQueue:
             conn.execute(PRUNE_DEDUP, self._params(horizon=horizon))
             for message in messages:
                 params = self._params(
-                    message_id=message.message_id,
-                    session_id=message.session_id,
+                    message_id=queue_id(message.message_id),
+                    session_id=queue_id(message.session_id),
                     now=now,
                     horizon=horizon,
                 )
@@ -612,10 +613,12 @@ class SqliteQueue:
         ]
 
     def resend_dead_letter(self, sequence_number: int) -> None:
-        """Re-enqueue a copy (same id and session, fresh delivery count) and drop the dead letter.
+        """Re-enqueue a copy (same body, session and properties, fresh delivery count, id
+        ``replay_message_id(message_id, sequence_number)``) and drop the dead letter.
 
         Both happen in one transaction, so a crash never loses or doubles the message. The
-        copy bypasses duplicate detection: a replay is deliberate.
+        new id is what the Service Bus backend must use (the original id may still be in the
+        duplicate-detection window there); the contract keeps both backends alike.
         """
         with self._transaction() as conn:
             now = time.time()
@@ -624,7 +627,7 @@ class SqliteQueue:
                 raise KeyError(self._no_dead_letter(sequence_number))
             message_id, session_id, body, properties = row
             params = self._params(
-                message_id=message_id,
+                message_id=replay_message_id(message_id, sequence_number),
                 session_id=session_id,
                 body=body,
                 properties=properties,
@@ -681,11 +684,6 @@ class SqliteQueue:
 def _check_id(name: str, value: str) -> None:
     if not value:
         raise ValueError(f"{name} must not be empty")
-    if len(value) > MAX_ID_LENGTH:
-        raise ValueError(
-            f"{name} is {len(value)} characters; Service Bus allows at most {MAX_ID_LENGTH}: "
-            f"{value[:40]!r}..."
-        )
 
 
 def _raise_if_lost(lost: list[ReceivedMessage], action: str, queue: str) -> None:
@@ -694,5 +692,6 @@ def _raise_if_lost(lost: list[ReceivedMessage], action: str, queue: str) -> None
         raise LockLostError(
             f"Could not {action} message(s) {which} in queue {queue!r}: the lock expired or "
             "the message was settled already. It is (or will be) redelivered; make the "
-            "processing idempotent, or renew locks sooner."
+            "processing idempotent, or renew locks sooner.",
+            [m.sequence_number for m in lost],
         )

@@ -1,0 +1,937 @@
+"""Azure Service Bus as the outbox queue, on ``azure-servicebus`` (sync, and ``aio`` for sends).
+
+``ServiceBusQueue`` implements ``OutboxSender``, ``OutboxReceiver`` and ``DeadLetterStore``,
+so the saver and the worker use it exactly as they use the SQLite queue;
+``AsyncServiceBusSender`` is the ``asyncio`` publisher.
+
+The queue must have **sessions enabled** (a thread's events are one session: FIFO per thread,
+one worker per thread at a time) and should have **duplicate detection** on (message ids
+are deterministic, so a saver retrying a publish never enqueues twice); see
+``docs/servicebus.md`` for the settings the contract suite expects.
+
+URL forms (``open_queue`` accepts both):
+
+- ``sb://<namespace>.servicebus.windows.net/<queue>``: Microsoft Entra ID through
+  ``DefaultAzureCredential`` (roles *Azure Service Bus Data Sender* for the saver,
+  *Data Receiver* for the worker, both for the dead-letter replay tool). A bare
+  ``sb://<namespace>/<queue>`` means ``<namespace>.servicebus.windows.net``.
+- ``Endpoint=sb://<namespace>.servicebus.windows.net/;SharedAccessKeyName=<rule>;
+  SharedAccessKey=<key>;EntityPath=<queue>``: a connection string as the portal shows it for
+  a queue's shared access policy (for a namespace policy, append ``;EntityPath=<queue>``).
+  ``SharedAccessSignature=`` and ``UseDevelopmentEmulator=true`` work as in the SDK.
+
+Sending: each ``OutboxMessage`` becomes a ``ServiceBusMessage`` with its ``message_id`` and
+``session_id`` (both through ``queue_id``, so ids over 128 characters become a stable hash
+form instead of an error). Messages are packed in order into ``ServiceBusMessageBatch``es
+sized by the link (256 KB on Standard, 1 MB on Premium), one session per batch (a
+partitioned entity takes one partition key per batch). A message too big for a batch but
+within the entity's maximum (Premium allows up to 100 MB) is sent on its own; a bigger one
+raises ``MessageTooLargeError`` naming ``max_message_bytes``, the body size the saver's
+chunking must stay under. A send of several batches is not atomic; the saver retries the
+whole call and duplicate detection drops what was already accepted.
+
+Receiving: peek-lock from sessions. A consumer holds up to ``max_sessions`` sessions, each
+through a session receiver accepted with ``NEXT_AVAILABLE_SESSION``; an ``AutoLockRenewer``
+keeps their locks while a batch is ingested or retried, for at most ``lock_renewal``
+seconds. A session is given back when it has nothing to deliver and nothing unsettled, or,
+once it holds nothing unsettled, after ``lock_renewal / 2`` seconds so a busy session cannot
+outlive its renewal or starve the others. Settlement goes through the receiver that
+received the message; a lost session lock surfaces as ``LockLostError``.
+
+Dead letters: read by peeking ``<queue>/$DeadLetterQueue``; ``resend_dead_letter`` and
+``delete_dead_letter`` lock the dead-letter messages in order until they find the one
+asked for (Service Bus cannot receive a message by sequence number unless it was
+deferred), settle it, and abandon the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+from azure.servicebus import (
+    NEXT_AVAILABLE_SESSION,
+    AutoLockRenewer,
+    ServiceBusClient,
+    ServiceBusMessage,
+    ServiceBusMessageBatch,
+    ServiceBusReceivedMessage,
+    ServiceBusReceiver,
+    ServiceBusSender,
+    ServiceBusSession,
+    ServiceBusSubQueue,
+)
+from azure.servicebus.aio import ServiceBusClient as AsyncServiceBusClient
+from azure.servicebus.aio import ServiceBusSender as AsyncSdkSender
+from azure.servicebus.exceptions import (
+    MessageAlreadySettled,
+    MessageSizeExceededError,
+    MessagingEntityNotFoundError,
+    OperationTimeoutError,
+    ServiceBusAuthenticationError,
+    ServiceBusAuthorizationError,
+    ServiceBusError,
+    SessionCannotBeLockedError,
+)
+
+from . import (
+    DeadLetter,
+    LockLostError,
+    MessageTooLargeError,
+    OutboxError,
+    OutboxMessage,
+    ReceivedMessage,
+    queue_id,
+    redact_queue_url,
+    replay_message_id,
+)
+
+__all__ = [
+    "AsyncServiceBusSender",
+    "ServiceBusQueue",
+    "ServiceBusSettings",
+    "SizeLimits",
+    "parse_queue_url",
+    "plan_sends",
+]
+
+logger = logging.getLogger("langgraph.checkpoint.kusto.outbox.servicebus")
+
+PUBLIC_CLOUD_SUFFIX = ".servicebus.windows.net"
+
+DEFAULT_MAX_SESSIONS = 8
+DEFAULT_LOCK_RENEWAL = 300.0
+"""Seconds ``AutoLockRenewer`` keeps a session's lock (the SDK's own default)."""
+
+DEFAULT_SESSION_POLL_WAIT = 0.2
+"""How long a receive waits on a session it already holds before trying the next one."""
+
+CONNECT_ALLOWANCE = 5.0
+"""Client-side time a session accept may take beyond the caller's wait: the SDK counts
+opening the connection (TLS, token, attach) against the receive's wait."""
+
+ACCEPT_RETRY_INTERVAL = 5.0
+"""After finding no session to accept, a consumer busy with the sessions it holds looks
+for another one only this often (each look opens a connection)."""
+
+MIN_ACCEPT_WAIT = 0.1
+"""Server-side wait for a session when the caller asked not to wait (the SDK needs > 0)."""
+
+HEADER_RESERVE_BYTES = 4096
+"""Room left under the entity's maximum for what Service Bus counts besides the body:
+AMQP header, ids up to 128 characters, application and broker properties."""
+
+MAX_DEAD_LETTER_TEXT = 4096
+"""Service Bus limits dead-letter reason and description (the .NET SDK checks 4096)."""
+
+DEAD_LETTER_SCAN_BATCH = 100
+DEAD_LETTER_SCAN_WAIT = 2.0
+PEEK_BATCH = 250
+
+DEAD_LETTER_PROPERTIES = frozenset({"DeadLetterReason", "DeadLetterErrorDescription"})
+
+URL_FORMS = (
+    "sb://<namespace>.servicebus.windows.net/<queue> (DefaultAzureCredential) or a "
+    "connection string Endpoint=sb://<namespace>.servicebus.windows.net/;"
+    "SharedAccessKeyName=<rule>;SharedAccessKey=<key>;EntityPath=<queue>"
+)
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceBusSettings:
+    """Where the queue is and how to authenticate; ``connection_string`` is never shown."""
+
+    namespace: str
+    queue: str
+    connection_string: str | None = field(default=None, repr=False)
+
+    def client(self, credential: Any = None, **options: Any) -> ServiceBusClient:
+        if self.connection_string is not None:
+            return ServiceBusClient.from_connection_string(self.connection_string, **options)
+        return ServiceBusClient(self.namespace, credential, **options)
+
+    def async_client(self, credential: Any = None, **options: Any) -> AsyncServiceBusClient:
+        if self.connection_string is not None:
+            return AsyncServiceBusClient.from_connection_string(self.connection_string, **options)
+        return AsyncServiceBusClient(self.namespace, credential, **options)
+
+
+def parse_queue_url(url: str) -> ServiceBusSettings:
+    """Settings from an ``sb://`` URL or a connection string (see the module docstring)."""
+    text = url.strip()
+    if text.lower().startswith("endpoint="):
+        return _parse_connection_string(text)
+    parts = urlsplit(text)
+    if parts.scheme.lower() != "sb" or not parts.hostname:
+        raise ValueError(
+            f"Not a Service Bus queue URL: {redact_queue_url(url)!r}. Expected {URL_FORMS}."
+        )
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError(
+            f"Service Bus queue URL {text!r} has credentials, a query or a fragment; put the "
+            f"secret in a connection string instead. Expected {URL_FORMS}."
+        )
+    queue = parts.path.strip("/")
+    if not queue or "/" in queue:
+        raise ValueError(f"Give exactly one queue name in {text!r}. Expected {URL_FORMS}.")
+    host = parts.hostname if "." in parts.hostname else parts.hostname + PUBLIC_CLOUD_SUFFIX
+    return ServiceBusSettings(host if parts.port is None else f"{host}:{parts.port}", queue)
+
+
+def _parse_connection_string(text: str) -> ServiceBusSettings:
+    fields: dict[str, str] = {}
+    for part in text.rstrip(";").split(";"):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(
+                "Malformed Service Bus connection string: every part must be key=value. "
+                f"Expected {URL_FORMS}."
+            )
+        fields[key.strip().lower()] = value.strip()
+    endpoint = urlsplit(fields.get("endpoint", ""))
+    if not endpoint.netloc:
+        raise ValueError(
+            f"The connection string has no Endpoint=sb://<namespace>/. Expected {URL_FORMS}."
+        )
+    if not ("sharedaccesskey" in fields or "sharedaccesssignature" in fields):
+        raise ValueError(
+            "The connection string has neither SharedAccessKey nor SharedAccessSignature. Copy "
+            "it from the queue's (or namespace's) Shared access policies in the Azure portal, "
+            "or use sb://<namespace>.servicebus.windows.net/<queue> for Microsoft Entra ID."
+        )
+    queue = fields.get("entitypath", "")
+    if not queue:
+        raise ValueError(
+            "The connection string names no queue: append ;EntityPath=<queue> (a queue-level "
+            "shared access policy's connection string already has it)."
+        )
+    return ServiceBusSettings(endpoint.netloc, queue, text)
+
+
+# --- messages both ways (pure) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SizeLimits:
+    """What the entity accepts: one message, and one ``ServiceBusMessageBatch``."""
+
+    max_message_bytes: int
+    max_batch_bytes: int
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest body a message may carry: the saver's chunk size budget."""
+        return self.max_message_bytes - HEADER_RESERVE_BYTES
+
+
+def to_service_bus_message(message: OutboxMessage) -> ServiceBusMessage:
+    """The SDK message for ``message``: ids in their ``queue_id`` form, body as one data section."""
+    if not message.message_id:
+        raise ValueError("message_id must not be empty")
+    if not message.session_id:
+        raise ValueError("session_id must not be empty")
+    properties: dict[str | bytes, Any] = {k: v for k, v in message.application_properties.items()}
+    return ServiceBusMessage(
+        bytes(message.body),
+        message_id=queue_id(message.message_id),
+        session_id=queue_id(message.session_id),
+        application_properties=properties,
+    )
+
+
+def plan_sends(
+    messages: Sequence[ServiceBusMessage], limits: SizeLimits
+) -> list[ServiceBusMessageBatch | ServiceBusMessage]:
+    """Pack ``messages`` in order into batches of one session each; a message too large for
+    a batch but within ``limits.max_message_bytes`` goes alone. Raises
+    ``MessageTooLargeError`` before anything is sent if one fits neither."""
+    plan: list[ServiceBusMessageBatch | ServiceBusMessage] = []
+    batch = ServiceBusMessageBatch(max_size_in_bytes=limits.max_batch_bytes)
+    batch_session: str | None = None
+    for message in messages:
+        if len(batch) and message.session_id != batch_session:
+            plan.append(batch)
+            batch = ServiceBusMessageBatch(max_size_in_bytes=limits.max_batch_bytes)
+        if _try_add(batch, message):
+            batch_session = message.session_id
+            continue
+        if len(batch):
+            plan.append(batch)
+            batch = ServiceBusMessageBatch(max_size_in_bytes=limits.max_batch_bytes)
+            if _try_add(batch, message):
+                batch_session = message.session_id
+                continue
+        if not _try_add(
+            ServiceBusMessageBatch(max_size_in_bytes=limits.max_message_bytes), message
+        ):
+            raise MessageTooLargeError(
+                f"Message {message.message_id!r} has a {len(_body(message))}-byte body; this "
+                f"queue accepts at most {limits.max_message_bytes} bytes per message, headers "
+                f"included. Chunk events to at most max_message_bytes={limits.max_body_bytes} "
+                "(the saver's max_message_bytes option), or use a Premium namespace with a "
+                "larger maximum message size."
+            )
+        plan.append(message)
+    if len(batch):
+        plan.append(batch)
+    return plan
+
+
+def _try_add(batch: ServiceBusMessageBatch, message: ServiceBusMessage) -> bool:
+    try:
+        batch.add_message(message)
+    except MessageSizeExceededError:
+        return False
+    return True
+
+
+def _body(message: ServiceBusMessage | ServiceBusReceivedMessage) -> bytes:
+    body = message.body
+    if isinstance(body, bytes | bytearray):
+        return bytes(body)
+    return b"".join(bytes(part) for part in body)
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes | bytearray) else value
+
+
+def _properties(message: ServiceBusReceivedMessage) -> dict[str, str | int]:
+    """Application properties as sent: the SDK hands received keys and strings back as bytes."""
+    raw = message.application_properties or {}
+    properties = {str(_text(k)): _text(v) for k, v in raw.items()}
+    return {k: v for k, v in properties.items() if k not in DEAD_LETTER_PROPERTIES}
+
+
+def _epoch(moment: datetime | None) -> float:
+    return moment.timestamp() if moment is not None else 0.0
+
+
+def to_received_message(message: ServiceBusReceivedMessage, locked_until: float) -> ReceivedMessage:
+    return ReceivedMessage(
+        body=_body(message),
+        message_id=str(message.message_id),
+        session_id=str(message.session_id),
+        sequence_number=int(message.sequence_number or 0),
+        delivery_count=int(message.delivery_count or 0),
+        enqueued_time=_epoch(message.enqueued_time_utc),
+        lock_token=str(message.lock_token),
+        locked_until=locked_until,
+        application_properties=_properties(message),
+    )
+
+
+def to_dead_letter(message: ServiceBusReceivedMessage) -> DeadLetter:
+    """A peeked dead-letter message. Service Bus keeps no dead-lettering time, so
+    ``dead_lettered_time`` is the enqueued time the dead-letter sub-queue reports."""
+    enqueued = _epoch(message.enqueued_time_utc)
+    return DeadLetter(
+        body=_body(message),
+        message_id=str(message.message_id),
+        session_id=str(message.session_id),
+        sequence_number=int(message.sequence_number or 0),
+        delivery_count=int(message.delivery_count or 0),
+        enqueued_time=enqueued,
+        dead_lettered_time=enqueued,
+        reason=message.dead_letter_reason or "",
+        description=message.dead_letter_error_description or "",
+        application_properties=_properties(message),
+    )
+
+
+def _clip(text: str) -> str:
+    if len(text) <= MAX_DEAD_LETTER_TEXT:
+        return text
+    return text[: MAX_DEAD_LETTER_TEXT - 3] + "..."
+
+
+def _translate(error: ServiceBusError, doing: str, where: str) -> OutboxError:
+    """An ``OutboxError`` that says what to do about a Service Bus failure."""
+    if isinstance(error, MessageSizeExceededError):
+        return MessageTooLargeError(
+            f"Service Bus refused a message while {doing} ({where}) as too large: {error}. "
+            "Lower the saver's max_message_bytes."
+        )
+    if isinstance(error, MessagingEntityNotFoundError):
+        hint = (
+            "Create the queue with sessions enabled (and duplicate detection on), or fix the "
+            "queue name in the URL; see docs/servicebus.md."
+        )
+    elif isinstance(error, ServiceBusAuthenticationError | ServiceBusAuthorizationError):
+        hint = (
+            "Check the connection string's key, or grant the identity DefaultAzureCredential "
+            "picks the role 'Azure Service Bus Data Sender' (saver) / 'Data Receiver' "
+            "(worker) on the queue."
+        )
+    else:
+        hint = "The SDK retried already; check the namespace is reachable and the queue exists."
+    return OutboxError(f"Service Bus failed while {doing} ({where}): {error}. {hint}")
+
+
+# --- the sync queue --------------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _HeldSession:
+    """A session this consumer holds, with the messages it has not settled yet."""
+
+    receiver: ServiceBusReceiver
+    session_id: str
+    accepted_at: float
+    unsettled: dict[str, ServiceBusReceivedMessage] = field(default_factory=dict)
+
+    @property
+    def locked_until(self) -> float:
+        return _epoch(self.receiver.session.locked_until_utc)
+
+
+class ServiceBusQueue:
+    """A session-enabled Service Bus queue as outbox: sender, receiver and dead letters.
+
+    The saver may send from several threads (sends are serialised); receive and settlement
+    belong to one worker thread, with the lock renewer's threads alongside.
+    """
+
+    def __init__(
+        self,
+        settings: ServiceBusSettings,
+        *,
+        credential: Any | None = None,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        lock_renewal: float = DEFAULT_LOCK_RENEWAL,
+        session_poll_wait: float = DEFAULT_SESSION_POLL_WAIT,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
+        if lock_renewal < 0:
+            raise ValueError(f"lock_renewal must not be negative, got {lock_renewal}")
+        if session_poll_wait <= 0:
+            raise ValueError(f"session_poll_wait must be positive, got {session_poll_wait}")
+        self.settings = settings
+        self.queue = settings.queue
+        self.max_sessions = max_sessions
+        self.lock_renewal = lock_renewal
+        self.session_poll_wait = session_poll_wait
+        self._owned_credential = None
+        if settings.connection_string is None and credential is None:
+            from azure.identity import DefaultAzureCredential
+
+            credential = self._owned_credential = DefaultAzureCredential()
+        options = client_options or {}
+        self._client = settings.client(credential, **options)
+        # Receivers get no SDK retries: a retried session accept would wait for a session
+        # again past the caller's max_wait, and a failed settlement or renewal means the
+        # session lock is gone anyway (the message is redelivered; see LockLostError). Nor a
+        # keep-alive thread: the worker polls its sessions every cycle and the renewer talks
+        # to them while it ingests, and closing a receiver would wait up to a second for it.
+        self._receive_client = settings.client(
+            credential, **{**options, "retry_total": 0, "keep_alive": 0}
+        )
+        self._send_lock = threading.Lock()
+        self._receive_lock = threading.RLock()
+        self._sender: ServiceBusSender | None = None
+        self._limits: SizeLimits | None = None
+        self._renewer = (
+            AutoLockRenewer(
+                max_lock_renewal_duration=lock_renewal,
+                on_lock_renew_failure=self._on_renew_failure,
+            )
+            if lock_renewal > 0
+            else None
+        )
+        self._sessions: dict[str, _HeldSession] = {}
+        self._by_token: dict[str, _HeldSession] = {}
+        self._next_accept = 0.0
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> ServiceBusQueue:
+        """The queue an ``sb://`` URL or connection string names; ``options`` as ``__init__``."""
+        return cls(parse_queue_url(url), **options)
+
+    @property
+    def where(self) -> str:
+        return f"queue {self.queue!r} in {self.settings.namespace}"
+
+    # --- OutboxSender ------------------------------------------------------------------
+
+    def send(self, messages: Sequence[OutboxMessage]) -> None:
+        """Publish in order, in as few batches as the entity's limits allow.
+
+        A message Service Bus saw within its duplicate-detection window is dropped by the
+        service, so the whole call may be retried after a failure.
+        """
+        outgoing = [to_service_bus_message(m) for m in messages]
+        if not outgoing:
+            return
+        with self._send_lock:
+            try:
+                sender = self._open_sender()
+                for item in plan_sends(outgoing, self._size_limits(sender)):
+                    sender.send_messages(item)
+            except ServiceBusError as error:
+                raise _translate(
+                    error, f"sending {len(outgoing)} message(s)", self.where
+                ) from error
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest body one message may carry on this queue (opens the sender link)."""
+        with self._send_lock:
+            try:
+                return self._size_limits(self._open_sender()).max_body_bytes
+            except ServiceBusError as error:
+                raise _translate(error, "opening the sender", self.where) from error
+
+    def size_limits(self) -> SizeLimits:
+        """The entity's message and batch limits as its link advertises them."""
+        with self._send_lock:
+            try:
+                return self._size_limits(self._open_sender())
+            except ServiceBusError as error:
+                raise _translate(error, "opening the sender", self.where) from error
+
+    def _open_sender(self) -> ServiceBusSender:
+        if self._sender is None:
+            self._sender = self._client.get_queue_sender(self.queue)
+        return self._sender
+
+    def _size_limits(self, sender: ServiceBusSender) -> SizeLimits:
+        if self._limits is None:
+            self._limits = _limits_of(sender.create_message_batch(), sender)
+        return self._limits
+
+    # --- OutboxReceiver ----------------------------------------------------------------
+
+    def receive(self, max_messages: int, max_wait: float) -> list[ReceivedMessage]:
+        """Peek-lock up to ``max_messages`` from the sessions this consumer holds, accepting
+        the next available session when those have nothing; waits up to ``max_wait``
+        seconds for any (plus the time to open a session's connection)."""
+        if max_messages < 1:
+            raise ValueError(f"max_messages must be at least 1, got {max_messages}")
+        if max_wait < 0:
+            raise ValueError(f"max_wait must not be negative, got {max_wait}")
+        deadline = time.monotonic() + max_wait
+        with self._receive_lock:
+            received = self._receive_from_held(max_messages)
+            while len(received) < max_messages and len(self._sessions) < self.max_sessions:
+                if received and time.monotonic() < self._next_accept:
+                    break
+                # With messages in hand, only glance for another session; without, wait.
+                wait = self.session_poll_wait if received else deadline - time.monotonic()
+                taken = self._accept_next_session(max_messages - len(received), max(wait, 0.0))
+                if taken is None:
+                    self._next_accept = time.monotonic() + ACCEPT_RETRY_INTERVAL
+                    break
+                received += taken
+                if not received and time.monotonic() >= deadline:
+                    break
+            return received
+
+    def _receive_from_held(self, max_messages: int) -> list[ReceivedMessage]:
+        received: list[ReceivedMessage] = []
+        for held in list(self._sessions.values()):
+            if len(received) >= max_messages:
+                break
+            try:
+                batch = held.receiver.receive_messages(
+                    max_message_count=max_messages - len(received),
+                    max_wait_time=self.session_poll_wait,
+                )
+            except ServiceBusError as error:
+                logger.warning(
+                    "session lost while receiving; its unsettled messages will be redelivered",
+                    extra={"queue": self.queue, "error": type(error).__name__},
+                )
+                self._drop_session(held)
+                continue
+            received += self._hold(held, batch)
+            if not held.unsettled and (
+                not batch or time.monotonic() - held.accepted_at > self.lock_renewal / 2
+            ):
+                self._drop_session(held)
+        return received
+
+    def _accept_next_session(self, max_messages: int, wait: float) -> list[ReceivedMessage] | None:
+        """Messages of a newly accepted session; ``None`` if no session was available."""
+        receiver = self._receive_client.get_queue_receiver(
+            self.queue,
+            session_id=NEXT_AVAILABLE_SESSION,
+            max_wait_time=max(wait, MIN_ACCEPT_WAIT),
+            auto_lock_renewer=self._renewer,
+        )
+        try:
+            batch = receiver.receive_messages(
+                max_message_count=max_messages, max_wait_time=wait + CONNECT_ALLOWANCE
+            )
+        except (OperationTimeoutError, SessionCannotBeLockedError):
+            _close_quietly(receiver)
+            return None
+        except ServiceBusError as error:
+            _close_quietly(receiver)
+            raise _translate(error, "accepting a session", self.where) from error
+        held = _HeldSession(receiver, receiver.session.session_id, time.monotonic())
+        if not batch:
+            _close_quietly(receiver)
+            return []
+        self._sessions[held.session_id] = held
+        return self._hold(held, batch)
+
+    def _hold(
+        self, held: _HeldSession, batch: Iterable[ServiceBusReceivedMessage]
+    ) -> list[ReceivedMessage]:
+        received = []
+        for message in batch:
+            token = str(message.lock_token)
+            held.unsettled[token] = message
+            self._by_token[token] = held
+            received.append(to_received_message(message, held.locked_until))
+        return received
+
+    def _drop_session(self, held: _HeldSession) -> None:
+        """Give the session back; its unsettled messages return to the queue uncounted."""
+        self._sessions.pop(held.session_id, None)
+        for token in held.unsettled:
+            self._by_token.pop(token, None)
+        held.unsettled.clear()
+        _close_quietly(held.receiver)
+
+    def complete(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Remove the messages; ``LockLostError`` names those whose session lock was lost
+        (the others are completed)."""
+        self._settle(messages, "complete", lambda r, m: r.complete_message(m))
+
+    def abandon(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Make the messages available again; redelivery reports ``delivery_count + 1``."""
+        self._settle(messages, "abandon", lambda r, m: r.abandon_message(m))
+
+    def dead_letter(self, message: ReceivedMessage, reason: str, description: str) -> None:
+        """Move the message to ``<queue>/$DeadLetterQueue`` with reason and description
+        (each clipped to the 4096 characters Service Bus takes)."""
+        self._settle(
+            [message],
+            "dead-letter",
+            lambda r, m: r.dead_letter_message(
+                m, reason=_clip(reason), error_description=_clip(description)
+            ),
+        )
+
+    def _settle(
+        self,
+        messages: Sequence[ReceivedMessage],
+        action: str,
+        settle: Callable[[ServiceBusReceiver, ServiceBusReceivedMessage], None],
+    ) -> None:
+        lost: list[ReceivedMessage] = []
+        with self._receive_lock:
+            for message in messages:
+                held = self._by_token.pop(message.lock_token, None)
+                sdk_message = held.unsettled.pop(message.lock_token, None) if held else None
+                if held is None or sdk_message is None:
+                    lost.append(message)
+                    continue
+                try:
+                    settle(held.receiver, sdk_message)
+                except (ServiceBusError, MessageAlreadySettled) as error:
+                    # Whatever the cause, the session lock is gone or going: the service
+                    # redelivers the message, which is what LockLostError promises.
+                    logger.warning(
+                        "settlement failed; the message will be redelivered",
+                        extra={
+                            "queue": self.queue,
+                            "action": action,
+                            "error": type(error).__name__,
+                        },
+                    )
+                    lost.append(message)
+                    self._drop_session(held)
+        _raise_if_lost(lost, action, self.where)
+
+    def renew_locks(self, messages: Sequence[ReceivedMessage]) -> list[float]:
+        """Renew the session locks of the messages (a session message's lock is its
+        session's); returns the new ``locked_until`` per message."""
+        renewed: dict[str, float] = {}
+        lost: list[ReceivedMessage] = []
+        with self._receive_lock:
+            for message in messages:
+                held = self._by_token.get(message.lock_token)
+                if held is None:
+                    lost.append(message)
+                    continue
+                if held.session_id not in renewed:
+                    try:
+                        renewed[held.session_id] = _epoch(held.receiver.session.renew_lock())
+                    except ServiceBusError as error:
+                        logger.warning(
+                            "session lock renewal failed",
+                            extra={"queue": self.queue, "error": type(error).__name__},
+                        )
+                        self._drop_session(held)
+                        lost.append(message)
+                        continue
+            until = [
+                renewed.get(held.session_id, 0.0)
+                for held in (self._by_token.get(m.lock_token) for m in messages)
+                if held is not None
+            ]
+        _raise_if_lost(lost, "renew the lock of", self.where)
+        return until
+
+    def _on_renew_failure(self, renewable: Any, error: Exception | None) -> None:
+        session_id = renewable.session_id if isinstance(renewable, ServiceBusSession) else None
+        logger.warning(
+            "automatic lock renewal stopped; unsettled messages of the session will be redelivered",
+            extra={
+                "queue": self.queue,
+                "held_sessions": len(self._sessions),
+                "lost_session": session_id is not None,
+                "error": type(error).__name__ if error else None,
+            },
+        )
+
+    # --- DeadLetterStore ---------------------------------------------------------------
+
+    def list_dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The oldest ``limit`` dead letters, by peeking (no lock is taken)."""
+        found: list[DeadLetter] = []
+        try:
+            with self._dead_letter_receiver() as receiver:
+                next_sequence = 0
+                while len(found) < limit:
+                    batch = receiver.peek_messages(
+                        max_message_count=min(limit - len(found), PEEK_BATCH),
+                        sequence_number=next_sequence,
+                    )
+                    if not batch:
+                        break
+                    found += [to_dead_letter(m) for m in batch]
+                    next_sequence = found[-1].sequence_number + 1
+        except ServiceBusError as error:
+            raise _translate(error, "reading dead letters", self.where) from error
+        return found
+
+    def resend_dead_letter(self, sequence_number: int) -> None:
+        """Send a copy (same body, session and properties; id ``replay_message_id``) to the
+        queue, then complete the dead letter. A crash in between leaves both; replaying
+        again is then dropped by duplicate detection, as the copy's id is the same."""
+
+        def replay(receiver: ServiceBusReceiver, message: ServiceBusReceivedMessage) -> None:
+            copy = OutboxMessage(
+                body=_body(message),
+                message_id=replay_message_id(str(message.message_id), sequence_number),
+                session_id=str(message.session_id),
+                application_properties=_properties(message),
+            )
+            self.send([copy])
+            receiver.complete_message(message)
+
+        self._with_dead_letter(sequence_number, "re-sending a dead letter", replay)
+
+    def delete_dead_letter(self, sequence_number: int) -> None:
+        """Complete (discard) a dead letter for good."""
+        self._with_dead_letter(
+            sequence_number, "deleting a dead letter", lambda r, m: r.complete_message(m)
+        )
+
+    def _with_dead_letter(
+        self,
+        sequence_number: int,
+        doing: str,
+        act: Callable[[ServiceBusReceiver, ServiceBusReceivedMessage], None],
+    ) -> None:
+        target: ServiceBusReceivedMessage | None = None
+        try:
+            with self._dead_letter_receiver() as receiver:
+                passed: list[ServiceBusReceivedMessage] = []
+                try:
+                    target = _scan_for(receiver, sequence_number, passed)
+                    if target is not None:
+                        act(receiver, target)
+                finally:
+                    for message in passed:
+                        receiver.abandon_message(message)
+        except ServiceBusError as error:
+            raise _translate(error, doing, self.where) from error
+        if target is None:
+            raise KeyError(
+                f"No dead letter with sequence number {sequence_number} in {self.where}; "
+                "list_dead_letters() shows the ones there are."
+            )
+
+    def _dead_letter_receiver(self) -> ServiceBusReceiver:
+        return self._receive_client.get_queue_receiver(
+            self.queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER
+        )
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Give back held sessions (their unsettled messages return uncounted) and close."""
+        with self._receive_lock:
+            for held in list(self._sessions.values()):
+                self._drop_session(held)
+        if self._renewer is not None:
+            self._renewer.close()
+        with self._send_lock:
+            if self._sender is not None:
+                _close_quietly(self._sender)
+                self._sender = None
+        self._receive_client.close()
+        self._client.close()
+        if self._owned_credential is not None:
+            self._owned_credential.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ServiceBusQueue({self.settings.namespace!r}, queue={self.queue!r})"
+
+
+def _limits_of(batch: ServiceBusMessageBatch, sender: Any) -> SizeLimits:
+    """The link's limits. The SDK sizes batches by the link (256 KB Standard, 1 MB Premium)
+    but keeps the entity's per-message maximum (up to 100 MB on Premium) only in a private
+    attribute; without it, a message is held to the batch limit, which is always safe."""
+    max_message = int(getattr(sender, "_max_message_size_on_link", 0) or 0)
+    return SizeLimits(max(max_message, batch.max_size_in_bytes), batch.max_size_in_bytes)
+
+
+def _scan_for(
+    receiver: ServiceBusReceiver, sequence_number: int, passed: list[ServiceBusReceivedMessage]
+) -> ServiceBusReceivedMessage | None:
+    """Lock dead letters in order until ``sequence_number``; the others go to ``passed``."""
+    while True:
+        batch = receiver.receive_messages(
+            max_message_count=DEAD_LETTER_SCAN_BATCH, max_wait_time=DEAD_LETTER_SCAN_WAIT
+        )
+        if not batch:
+            return None
+        for message in batch:
+            if message.sequence_number == sequence_number:
+                passed += [m for m in batch if m is not message]
+                return message
+        passed += batch
+
+
+def _raise_if_lost(lost: list[ReceivedMessage], action: str, where: str) -> None:
+    if lost:
+        which = ", ".join(f"{m.sequence_number} ({m.message_id!r})" for m in lost)
+        raise LockLostError(
+            f"Could not {action} message(s) {which} in {where}: the session lock expired, "
+            "was lost, or the message was settled already. It is (or will be) redelivered; "
+            "make the processing idempotent, or renew locks sooner.",
+            [m.sequence_number for m in lost],
+        )
+
+
+def _close_quietly(handler: ServiceBusReceiver | ServiceBusSender) -> None:
+    try:
+        handler.close()
+    except ServiceBusError as error:
+        logger.info("closing a Service Bus link failed", extra={"error": type(error).__name__})
+
+
+# --- the async sender ------------------------------------------------------------------------
+
+
+class AsyncServiceBusSender:
+    """``AsyncOutboxSender`` on ``azure.servicebus.aio``: the same packing as the sync queue."""
+
+    def __init__(
+        self, settings: ServiceBusSettings, *, credential: Any | None = None, **client_options: Any
+    ) -> None:
+        self.settings = settings
+        self.queue = settings.queue
+        self._owned_credential = None
+        if settings.connection_string is None and credential is None:
+            from azure.identity.aio import DefaultAzureCredential
+
+            credential = self._owned_credential = DefaultAzureCredential()
+        self._client = settings.async_client(credential, **client_options)
+        self._lock = asyncio.Lock()
+        self._sender: AsyncSdkSender | None = None
+        self._limits: SizeLimits | None = None
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> AsyncServiceBusSender:
+        return cls(parse_queue_url(url), **options)
+
+    @property
+    def where(self) -> str:
+        return f"queue {self.queue!r} in {self.settings.namespace}"
+
+    async def send(self, messages: Sequence[OutboxMessage]) -> None:
+        """As ``ServiceBusQueue.send``."""
+        outgoing = [to_service_bus_message(m) for m in messages]
+        if not outgoing:
+            return
+        async with self._lock:
+            try:
+                limits = await self._size_limits()
+                sender = await self._open_sender()
+                for item in plan_sends(outgoing, limits):
+                    await sender.send_messages(item)
+            except ServiceBusError as error:
+                raise _translate(
+                    error, f"sending {len(outgoing)} message(s)", self.where
+                ) from error
+
+    async def size_limits(self) -> SizeLimits:
+        async with self._lock:
+            try:
+                return await self._size_limits()
+            except ServiceBusError as error:
+                raise _translate(error, "opening the sender", self.where) from error
+
+    async def _open_sender(self) -> AsyncSdkSender:
+        if self._sender is None:
+            self._sender = self._client.get_queue_sender(self.queue)
+        return self._sender
+
+    async def _size_limits(self) -> SizeLimits:
+        if self._limits is None:
+            sender = await self._open_sender()
+            self._limits = _limits_of(await sender.create_message_batch(), sender)
+        return self._limits
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._sender is not None:
+                await self._sender.close()
+                self._sender = None
+        await self._client.close()
+        if self._owned_credential is not None:
+            await self._owned_credential.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncServiceBusSender({self.settings.namespace!r}, queue={self.queue!r})"

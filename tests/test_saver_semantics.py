@@ -1,0 +1,297 @@
+"""Saver semantics beyond the conformance suite: deletes never resurrect, hostile values,
+the sync API's event-loop guard, encryption, and a cache that never hands out its state."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+from langgraph.checkpoint.base import empty_checkpoint
+from langgraph.checkpoint.base.id import uuid6
+from langgraph.checkpoint.kusto import AsyncKustoSaver, KustoSaver
+from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor
+from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
+from langgraph.checkpoint.kusto.outbox import open_queue
+from langgraph.checkpoint.kusto.queries import Query, select_checkpoints, visible_events
+from langgraph.checkpoint.serde.encrypted import EncryptedSerializer
+
+
+def _checkpoint(values: dict[str, Any], step: int = 0) -> Any:
+    checkpoint = empty_checkpoint()
+    checkpoint["id"] = str(uuid6(clock_seq=step))
+    checkpoint["channel_values"] = values
+    checkpoint["channel_versions"] = {k: f"{step + 1:032}.0" for k in values}
+    return checkpoint
+
+
+def _put(saver: Any, thread_id: str, values: dict[str, Any], step: int = 0, ns: str = "") -> Any:
+    checkpoint = _checkpoint(values, step)
+    return saver.put(
+        {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns}},
+        checkpoint,
+        {"source": "loop", "step": step},
+        checkpoint["channel_versions"],
+    )
+
+
+def _drain(queue_url: str, stack: Any) -> None:
+    """Run one worker until the queue is empty."""
+    queue = open_queue(queue_url)
+    ingestor = KustoIngestor(stack.cluster, stack.database)
+    try:
+        worker = Worker(queue, ingestor, max_wait=0.05)
+        deadline = time.monotonic() + 30
+        while queue.depth() and time.monotonic() < deadline:
+            worker.run_once()
+        assert queue.depth() == 0
+    finally:
+        ingestor.close()
+        queue.close()
+
+
+def _eventual(stack: Any, queue_url: str) -> Any:
+    return KustoSaver.from_conn_string(
+        queue_url, stack.cluster, stack.database, consistency="eventual"
+    )
+
+
+def test_older_put_ingested_after_the_delete_stays_deleted(stack: Any, private_queue: str) -> None:
+    """LangGraph issue #7206: a late write must not resurrect a deleted thread."""
+    thread_id = f"resurrect-{uuid.uuid4().hex[:8]}"
+    config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+    queue = open_queue(private_queue)
+    try:
+        with _eventual(stack, private_queue) as saver:
+            checkpoint = _checkpoint({"v": "old"})
+            late_put, _ = saver._put_event(config, checkpoint, {"step": 0}, {"v": "1"})
+            delete = saver._delete_thread_event(thread_id)
+            # The delete reaches Kusto first; the older put arrives after it.
+            queue.send(saver._messages(delete))
+            _drain(private_queue, stack)
+            queue.send(saver._messages(late_put))
+            _drain(private_queue, stack)
+            assert saver.get_tuple(config) is None
+            assert list(saver.list(config)) == []
+
+            _put(saver, thread_id, {"v": "new"}, step=1)
+            _drain(private_queue, stack)
+            found = saver.get_tuple(config)
+            assert found is not None and found.checkpoint["channel_values"] == {"v": "new"}
+            assert len(list(saver.list(config))) == 1
+    finally:
+        queue.close()
+
+
+def test_session_read_hides_what_kusto_has_until_the_delete_arrives(
+    stack: Any, private_queue: str
+) -> None:
+    thread_id = f"session-delete-{uuid.uuid4().hex[:8]}"
+    config = {"configurable": {"thread_id": thread_id}}
+    with KustoSaver.from_conn_string(private_queue, stack.cluster, stack.database) as saver:
+        _put(saver, thread_id, {"v": "old"})
+        _drain(private_queue, stack)
+        saver.delete_thread(thread_id)  # queued, not ingested: Kusto still has "old"
+        with _eventual(stack, private_queue) as other_process:
+            assert other_process.get_tuple(config) is not None
+        assert saver.get_tuple(config) is None
+        assert list(saver.list(config)) == []
+        _put(saver, thread_id, {"v": "new"}, step=1)
+        found = saver.get_tuple(config)
+        assert found is not None and found.checkpoint["channel_values"] == {"v": "new"}
+
+
+HOSTILE = [
+    'it\'s "quoted"',
+    "pipe | where 1==1",
+    "semi; .drop table CheckpointEvents",
+    "new\nline\r\n",
+    "// comment",
+    "unicode ✓ 漢字 🚀 \u200b",
+    "x" * 10_240,
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE, ids=lambda v: repr(v[:20]))
+def test_hostile_values_round_trip_and_never_change_the_query(
+    stack: Any, private_queue: str, value: str
+) -> None:
+    thread_id = f"{value}-{uuid.uuid4().hex[:6]}"
+    namespace = f"ns:{value}"
+    metadata_key = f"key {value}"
+    with _eventual(stack, private_queue) as saver:
+        checkpoint = _checkpoint({"v": value})
+        checkpoint["id"] = f"{checkpoint['id']}{value}"
+        stored = saver.put(
+            {"configurable": {"thread_id": thread_id, "checkpoint_ns": namespace}},
+            checkpoint,
+            {"source": "loop", "step": 0, metadata_key: value},
+            checkpoint["channel_versions"],
+        )
+        _drain(private_queue, stack)
+        found = saver.get_tuple(stored)
+        assert found is not None
+        assert found.config["configurable"] == {
+            "thread_id": thread_id,
+            "checkpoint_ns": namespace,
+            "checkpoint_id": checkpoint["id"],
+        }
+        assert found.checkpoint["channel_values"] == {"v": value}
+        assert found.metadata[metadata_key] == value
+        listed = list(
+            saver.list(
+                {"configurable": {"thread_id": thread_id, "checkpoint_ns": namespace}},
+                filter={metadata_key: value},
+            )
+        )
+        assert [t.checkpoint["id"] for t in listed] == [checkpoint["id"]]
+
+    hostile = select_checkpoints(
+        thread_id=thread_id,
+        checkpoint_ns=namespace,
+        checkpoint_id=checkpoint["id"],
+        before_id=value,
+        metadata_filter={metadata_key: value},
+        limit=3,
+    )
+    benign = select_checkpoints(
+        thread_id="t",
+        checkpoint_ns="n",
+        checkpoint_id="c",
+        before_id="b",
+        metadata_filter={"k": "v"},
+        limit=3,
+    )
+    assert hostile.text == benign.text
+    assert value not in hostile.text
+
+
+CONFIG = {"configurable": {"thread_id": "t", "checkpoint_ns": "", "checkpoint_id": "c"}}
+SYNC_CALLS = [
+    ("get_tuple", lambda s: s.get_tuple(CONFIG)),
+    ("list", lambda s: list(s.list(CONFIG))),
+    ("put", lambda s: s.put(CONFIG, empty_checkpoint(), {}, {})),
+    ("put_writes", lambda s: s.put_writes(CONFIG, [("a", 1)], "task")),
+    ("delete_thread", lambda s: s.delete_thread("t")),
+    ("delete_for_runs", lambda s: s.delete_for_runs(["r"])),
+    ("copy_thread", lambda s: s.copy_thread("t", "u")),
+    ("prune", lambda s: s.prune(["t"])),
+    (
+        "get_delta_channel_history",
+        lambda s: s.get_delta_channel_history(config=CONFIG, channels=["a"]),
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "call"), SYNC_CALLS, ids=[n for n, _ in SYNC_CALLS])
+async def test_sync_calls_on_the_event_loop_thread_raise_instead_of_deadlocking(
+    stack: Any, name: str, call: Any
+) -> None:
+    with (
+        KustoSaver.from_conn_string(stack.queue_url, stack.cluster, stack.database) as saver,
+        pytest.raises(RuntimeError, match="a\\* methods"),
+    ):
+        call(saver)
+    async with AsyncKustoSaver.from_conn_string(
+        stack.queue_url, stack.cluster, stack.database
+    ) as async_saver:
+        with pytest.raises(RuntimeError, match="a\\* methods"):
+            call(async_saver)
+
+
+async def test_async_saver_sync_api_works_from_another_thread(stack: Any) -> None:
+    thread_id = f"bridge-{uuid.uuid4().hex[:8]}"
+    async with AsyncKustoSaver.from_conn_string(
+        stack.queue_url, stack.cluster, stack.database
+    ) as saver:
+        found: list[Any] = []
+
+        def app_thread() -> None:
+            _put(saver, thread_id, {"v": 1})
+            found.append(saver.get_tuple({"configurable": {"thread_id": thread_id}}))
+
+        worker = threading.Thread(target=app_thread)
+        worker.start()
+        while worker.is_alive():
+            await asyncio.sleep(0.01)
+        assert found[0] is not None and found[0].checkpoint["channel_values"] == {"v": 1}
+
+
+async def test_encrypted_serializer_round_trips_and_kusto_never_sees_plaintext(
+    stack: Any,
+) -> None:
+    serde = EncryptedSerializer.from_pycryptodome_aes(key=b"0123456789abcdef")
+    thread_id = f"encrypted-{uuid.uuid4().hex[:8]}"
+    secret = "the launch code is 0000"
+    async with AsyncKustoSaver.from_conn_string(
+        stack.queue_url, stack.cluster, stack.database, serde=serde
+    ) as saver:
+        checkpoint = _checkpoint({"secret": secret})
+        await saver.aput(
+            {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
+            checkpoint,
+            {"step": 0},
+            checkpoint["channel_versions"],
+        )
+        assert saver.cache is not None
+        pending = saver.cache.unconfirmed_event_ids(10)
+        deadline = time.monotonic() + 30
+        while len(await saver.queries.run(visible_events(pending))) < len(pending):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        raw = await saver.queries.run(
+            Query(
+                "declare query_parameters(t:string);\n"
+                "CheckpointEvents | where ThreadId == t | project Payload",
+                {"t": thread_id},
+            )
+        )
+        assert raw and all(secret.encode().hex() not in str(r["Payload"]) for r in raw)
+    async with AsyncKustoSaver.from_conn_string(
+        stack.queue_url, stack.cluster, stack.database, consistency="eventual", serde=serde
+    ) as reader:
+        found = await reader.aget_tuple({"configurable": {"thread_id": thread_id}})
+        assert found is not None and found.checkpoint["channel_values"] == {"secret": secret}
+
+
+async def test_cached_reads_hand_out_fresh_objects(stack: Any) -> None:
+    thread_id = f"fresh-{uuid.uuid4().hex[:8]}"
+    config = {"configurable": {"thread_id": thread_id}}
+    async with AsyncKustoSaver.from_conn_string(
+        stack.queue_url, stack.cluster, stack.database
+    ) as saver:
+        _checkpoint_values = {"messages": ["hello"], "nested": {"k": [1, 2]}}
+        checkpoint = _checkpoint(copy.deepcopy(_checkpoint_values))
+        await saver.aput(
+            {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
+            checkpoint,
+            {"step": 0, "tags": ["a"]},
+            checkpoint["channel_versions"],
+        )
+        first = await saver.aget_tuple(config)
+        assert first is not None
+        first.checkpoint["channel_values"]["messages"].append("mutated")
+        first.checkpoint["channel_values"]["nested"]["k"].clear()
+        first.checkpoint["channel_versions"]["messages"] = "999"
+        first.metadata["tags"].append("mutated")
+        second = await saver.aget_tuple(config)
+        assert second is not None
+        assert second.checkpoint["channel_values"] == {
+            "messages": ["hello"],
+            "nested": {"k": [1, 2]},
+        }
+        assert second.checkpoint["channel_versions"] == checkpoint["channel_versions"]
+        assert second.metadata["tags"] == ["a"]
+
+
+def test_with_allowlist_returns_a_working_saver(stack: Any) -> None:
+    thread_id = f"allow-{uuid.uuid4().hex[:8]}"
+    with KustoSaver.from_conn_string(stack.queue_url, stack.cluster, stack.database) as saver:
+        clone = saver.with_allowlist([("builtins", "dict")])
+        _put(clone, thread_id, {"v": 1})
+        found = clone.get_tuple({"configurable": {"thread_id": thread_id}})
+        assert found is not None and found.checkpoint["channel_values"] == {"v": 1}
