@@ -28,8 +28,6 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .aio import AsyncKustoSaver
 from .base import (
-    CONFIRM_BATCH,
-    CONFIRM_INTERVAL,
     POLL_MAX,
     POLL_START,
     PRUNE_STRATEGIES,
@@ -40,7 +38,7 @@ from .base import (
     refuse_event_loop_thread,
 )
 from .kusto import KustoQueries
-from .queries import Query, channel_history, visible_events
+from .queries import Query, channel_history
 from .schema import SHOW_SCHEMA, provision_commands, schema_error, verify_schema
 from .settings import resolve
 
@@ -67,7 +65,6 @@ class KustoSaver(BaseKustoSaver):
         super().__init__(consistency=consistency, serde=serde, **options)
         self.outbox = outbox
         self.queries = queries
-        self._last_confirm = 0.0
 
     @classmethod
     @contextmanager
@@ -169,6 +166,8 @@ class KustoSaver(BaseKustoSaver):
         query = channel_history(
             configurable["thread_id"], configurable.get("checkpoint_ns") or "", channels
         )
+        if awaited := self._awaited(config, single=False):
+            self._wait_ingested(awaited)
         rows = self.queries.run(query)
         return self._history(assemble_channel_history(rows), config, channels)
 
@@ -179,6 +178,8 @@ class KustoSaver(BaseKustoSaver):
         cached = self._cached_tuple(config)
         if cached is not None:
             return cached
+        if awaited := self._awaited(config, single=True):
+            self._wait_ingested(awaited)
         found = self._merge(self._select(self._tuple_query(config)), config, None, None, 1)
         return self._to_tuple(found[0]) if found else None
 
@@ -207,40 +208,59 @@ class KustoSaver(BaseKustoSaver):
         before: RunnableConfig | None = None,
         limit: int | None = None,
     ) -> builtins.list[StoredCheckpoint]:
+        if awaited := self._awaited(config, single=False):
+            self._wait_ingested(awaited)
         query = self._list_query(config, filter, before, limit)
         return self._merge(self._select(query), config, filter, before, limit)
 
     def _publish(self, *events: Event) -> None:
-        """Send the events' messages in one call, then (strong) wait for the last."""
+        """Send the events' messages in one call; in ``strong`` mode wait for Kusto."""
         if not events:
             return
         self.outbox.send([m for event in events for m in self._messages(event)])
         if self.consistency is Consistency.STRONG:
-            self._wait_visible(events[-1].event_id)
+            self._wait_ingested({event.event_id: event.seq for event in events})
         for event in events:
             self._remember(event)
-        self._confirm_if_over_bound()
+        if self._confirmation_due():
+            assert self.cache is not None
+            oldest = self.cache.oldest_pending_seq()
+            if oldest is not None:
+                rows = self.queries.run(self._ingested_query(oldest))
+                self.cache.confirm(str(row["EventId"]) for row in rows)
 
-    def _wait_visible(self, event_id: str) -> None:
-        deadline = time.monotonic() + self.strong_timeout
+    def _wait_ingested(self, events: dict[str, int], timeout: float | None = None) -> None:
+        """Poll Kusto until it holds ``events`` (event id -> seq), backing off."""
+        remaining = dict(events)
+        deadline = time.monotonic() + (self.strong_timeout if timeout is None else timeout)
         delay = POLL_START
-        while not self.queries.run(visible_events([event_id])):
+        while remaining:
+            rows = self.queries.run(self._ingested_query(min(remaining.values())))
+            ingested = {str(row["EventId"]) for row in rows}
+            if self.cache is not None:
+                self.cache.confirm(ingested)
+            for event_id in ingested:
+                remaining.pop(event_id, None)
+            if not remaining:
+                return
             if time.monotonic() > deadline:
-                raise IngestionTimeoutError(
-                    f"event {event_id} is queued but not queryable after {self.strong_timeout}s; "
-                    "is the ingestor worker running?"
-                )
+                raise self._ingestion_timeout(len(remaining))
             time.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
 
-    def _confirm_if_over_bound(self) -> None:
-        cache = self.cache
-        if cache is None or not cache.over_bound() or not cache.has_unconfirmed():
-            return
-        now = time.monotonic()
-        if now - self._last_confirm < CONFIRM_INTERVAL:
-            return
-        self._last_confirm = now
-        pending = cache.unconfirmed_event_ids(CONFIRM_BATCH)
-        rows = self.queries.run(visible_events(pending))
-        cache.confirm({str(row["EventId"]) for row in rows})
+    def wait_for_ingestion(self, timeout: float | None = None) -> None:
+        """Wait until every event this saver published is queryable in Kusto.
+
+        For handing a thread to another process, or before analysing it with KQL. Raises
+        ``IngestionTimeoutError`` after ``timeout`` seconds (default ``strong_timeout``).
+        ``strong`` savers are always caught up; ``eventual`` savers track nothing.
+        """
+        refuse_event_loop_thread()
+        if self.cache is None:
+            if self.consistency is Consistency.STRONG:
+                return
+            raise ValueError(
+                "wait_for_ingestion needs consistency='session' (or 'strong'); "
+                "an 'eventual' saver does not track what it published"
+            )
+        self._wait_ingested(self.cache.pending_events(), timeout)

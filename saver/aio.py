@@ -24,18 +24,15 @@ from langgraph.checkpoint.kusto.shared.envelope import Event
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .base import (
-    CONFIRM_BATCH,
-    CONFIRM_INTERVAL,
     POLL_MAX,
     POLL_START,
     PRUNE_STRATEGIES,
     BaseKustoSaver,
     Consistency,
-    IngestionTimeoutError,
     keep_latest,
 )
 from .kusto import AsyncKustoQueries
-from .queries import Query, channel_history, visible_events
+from .queries import Query, channel_history
 from .schema import SHOW_SCHEMA, provision_commands, schema_error, verify_schema
 from .settings import resolve
 
@@ -62,7 +59,6 @@ class AsyncKustoSaver(BaseKustoSaver):
         self.outbox = outbox
         self.queries = queries
         self.loop = asyncio.get_running_loop()
-        self._last_confirm = 0.0
 
     @classmethod
     @asynccontextmanager
@@ -157,6 +153,8 @@ class AsyncKustoSaver(BaseKustoSaver):
         query = channel_history(
             configurable["thread_id"], configurable.get("checkpoint_ns") or "", channels
         )
+        if awaited := self._awaited(config, single=False):
+            await self._wait_ingested(awaited)
         rows = await self.queries.run(query)
         return self._history(assemble_channel_history(rows), config, channels)
 
@@ -166,6 +164,8 @@ class AsyncKustoSaver(BaseKustoSaver):
         cached = self._cached_tuple(config)
         if cached is not None:
             return cached
+        if awaited := self._awaited(config, single=True):
+            await self._wait_ingested(awaited)
         found = self._merge(await self._select(self._tuple_query(config)), config, None, None, 1)
         return self._to_tuple(found[0]) if found else None
 
@@ -262,40 +262,59 @@ class AsyncKustoSaver(BaseKustoSaver):
         before: RunnableConfig | None = None,
         limit: int | None = None,
     ) -> builtins.list[StoredCheckpoint]:
+        if awaited := self._awaited(config, single=False):
+            await self._wait_ingested(awaited)
         query = self._list_query(config, filter, before, limit)
         return self._merge(await self._select(query), config, filter, before, limit)
 
     async def _publish(self, *events: Event) -> None:
-        """Send the events' messages in one call, then (strong) wait for the last."""
+        """Send the events' messages in one call; in ``strong`` mode wait for Kusto."""
         if not events:
             return
         messages = [m for event in events for m in self._messages(event)]
         await asyncio.to_thread(self.outbox.send, messages)
         if self.consistency is Consistency.STRONG:
-            await self._wait_visible(events[-1].event_id)
+            await self._wait_ingested({event.event_id: event.seq for event in events})
         for event in events:
             self._remember(event)
-        await self._confirm_if_over_bound()
+        if self._confirmation_due():
+            assert self.cache is not None
+            oldest = self.cache.oldest_pending_seq()
+            if oldest is not None:
+                rows = await self.queries.run(self._ingested_query(oldest))
+                self.cache.confirm(str(row["EventId"]) for row in rows)
 
-    async def _wait_visible(self, event_id: str) -> None:
-        deadline = time.monotonic() + self.strong_timeout
+    async def _wait_ingested(self, events: dict[str, int], timeout: float | None = None) -> None:
+        """Poll Kusto until it holds ``events`` (event id -> seq), backing off."""
+        remaining = dict(events)
+        deadline = time.monotonic() + (self.strong_timeout if timeout is None else timeout)
         delay = POLL_START
-        while not await self.queries.run(visible_events([event_id])):
+        while remaining:
+            rows = await self.queries.run(self._ingested_query(min(remaining.values())))
+            ingested = {str(row["EventId"]) for row in rows}
+            if self.cache is not None:
+                self.cache.confirm(ingested)
+            for event_id in ingested:
+                remaining.pop(event_id, None)
+            if not remaining:
+                return
             if time.monotonic() > deadline:
-                raise IngestionTimeoutError(
-                    f"event {event_id} is queued but not queryable after {self.strong_timeout}s; "
-                    "is the ingestor worker running?"
-                )
+                raise self._ingestion_timeout(len(remaining))
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
 
-    async def _confirm_if_over_bound(self) -> None:
-        cache = self.cache
-        if cache is None or not cache.over_bound() or not cache.has_unconfirmed():
-            return
-        now = time.monotonic()
-        if now - self._last_confirm < CONFIRM_INTERVAL:
-            return
-        self._last_confirm = now
-        rows = await self.queries.run(visible_events(cache.unconfirmed_event_ids(CONFIRM_BATCH)))
-        cache.confirm({str(row["EventId"]) for row in rows})
+    async def wait_for_ingestion(self, timeout: float | None = None) -> None:
+        """Wait until every event this saver published is queryable in Kusto.
+
+        For handing a thread to another process, or before analysing it with KQL. Raises
+        ``IngestionTimeoutError`` after ``timeout`` seconds (default ``strong_timeout``).
+        ``strong`` savers are always caught up; ``eventual`` savers track nothing.
+        """
+        if self.cache is None:
+            if self.consistency is Consistency.STRONG:
+                return
+            raise ValueError(
+                "wait_for_ingestion needs consistency='session' (or 'strong'); "
+                "an 'eventual' saver does not track what it published"
+            )
+        await self._wait_ingested(self.cache.pending_events(), timeout)

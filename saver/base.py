@@ -36,12 +36,12 @@ from langgraph.checkpoint.kusto.shared.framing import (
     encode_frame,
     split_frames,
 )
-from langgraph.checkpoint.kusto.shared.ids import SequenceClock, new_event_id
+from langgraph.checkpoint.kusto.shared.ids import EventIds, SequenceClock
 from langgraph.checkpoint.kusto.shared.rows import StoredValue
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .cache import ReadCache
-from .queries import Query, select_checkpoints
+from .queries import Query, ingested_events, select_checkpoints
 
 
 class Consistency(StrEnum):
@@ -60,8 +60,9 @@ class Consistency(StrEnum):
 
 
 DEFAULT_STRONG_TIMEOUT = 120.0
-CONFIRM_BATCH = 500
 CONFIRM_INTERVAL = 1.0
+PENDING_LIMIT = 10_000
+"""Unconfirmed events the cache tracks before it asks Kusto which it has ingested."""
 POLL_START, POLL_MAX = 0.02, 0.5
 EMPTY_TYPE = "empty"
 """Type tag of a channel that has a version but no value (LangGraph's own convention)."""
@@ -107,6 +108,8 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
                 }
             )
         self._clock = SequenceClock()
+        self._event_ids = EventIds()
+        self._last_confirm = 0.0
 
     # -- versions ---------------------------------------------------------
 
@@ -143,7 +146,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         serializable_metadata = _json_safe(get_serializable_checkpoint_metadata(config, metadata))
         event = Event(
             kind=EventKind.PUT,
-            event_id=new_event_id(),
+            event_id=self._event_ids.next(),
             seq=self._clock.next(),
             published_at=time.time(),
             thread_id=thread_id,
@@ -188,7 +191,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             )
         return Event(
             kind=EventKind.PUT_WRITES,
-            event_id=new_event_id(),
+            event_id=self._event_ids.next(),
             seq=self._clock.next(),
             published_at=time.time(),
             thread_id=_require_str(configurable, "thread_id"),
@@ -202,7 +205,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             raise TypeError(f"thread_id must be a string, got {type(thread_id).__name__}")
         return Event(
             kind=EventKind.DELETE_THREAD,
-            event_id=new_event_id(),
+            event_id=self._event_ids.next(),
             seq=self._clock.next(),
             published_at=time.time(),
             thread_id=thread_id,
@@ -213,7 +216,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             raise TypeError("run_ids must be a sequence of strings")
         return Event(
             kind=EventKind.DELETE_RUNS,
-            event_id=new_event_id(),
+            event_id=self._event_ids.next(),
             seq=self._clock.next(),
             published_at=time.time(),
             thread_id=RUNS_SESSION,
@@ -223,7 +226,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
     def _prune_event(self, thread_id: str, kept: Iterable[tuple[str, str]]) -> Event:
         return Event(
             kind=EventKind.PRUNE,
-            event_id=new_event_id(),
+            event_id=self._event_ids.next(),
             seq=self._clock.next(),
             published_at=time.time(),
             thread_id=thread_id,
@@ -251,7 +254,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             events.append(
                 Event(
                     kind=EventKind.PUT,
-                    event_id=new_event_id(),
+                    event_id=self._event_ids.next(),
                     seq=self._clock.next(),
                     published_at=time.time(),
                     thread_id=target_thread_id,
@@ -269,7 +272,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
                 events.append(
                     Event(
                         kind=EventKind.PUT_WRITES,
-                        event_id=new_event_id(),
+                        event_id=self._event_ids.next(),
                         seq=self._clock.next(),
                         published_at=time.time(),
                         thread_id=target_thread_id,
@@ -312,14 +315,14 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             for w in event.writes
         ]
         key = (event.thread_id, event.checkpoint_ns, event.checkpoint_id)
-        self.cache.put_writes(key, writes, event.event_id)
+        self.cache.put_writes(key, writes, event.event_id, event.seq)
 
     def _remember(self, event: Event) -> None:
         """Apply a published event to the read cache (read-your-writes)."""
         if self.cache is None:
             return
         if event.kind is EventKind.PUT:
-            self.cache.put(_stored_of(event), event.event_id)
+            self.cache.put(_stored_of(event), event.event_id, event.seq)
         elif event.kind is EventKind.PUT_WRITES:
             self._remember_writes(event)
         elif event.kind is EventKind.DELETE_THREAD:
@@ -328,6 +331,39 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             self.cache.delete_runs(event.run_ids, event.seq)
         elif event.kind is EventKind.PRUNE:
             self.cache.prune(event.thread_id, event.kept, event.seq)
+
+    # -- confirmation: which published events Kusto holds --------------------
+
+    def _confirmation_due(self) -> bool:
+        cache = self.cache
+        if cache is None or not (cache.over_bound() or cache.pending_count() > PENDING_LIMIT):
+            return False
+        now = time.monotonic()
+        if now - self._last_confirm < CONFIRM_INTERVAL:
+            return False
+        self._last_confirm = now
+        return True
+
+    def _ingested_query(self, since: int) -> Query:
+        return ingested_events(self._event_ids.prefix, since)
+
+    def _awaited(self, config: RunnableConfig | None, *, single: bool) -> dict[str, int]:
+        """Events to wait for before Kusto's answer about ``config`` can be trusted."""
+        if self.cache is None:
+            return {}
+        configurable = (config or {}).get("configurable", {})
+        checkpoint_ns = configurable.get("checkpoint_ns")
+        return self.cache.awaited(
+            configurable.get("thread_id"),
+            (checkpoint_ns or "") if single else checkpoint_ns,
+            configurable.get("checkpoint_id"),
+        )
+
+    def _ingestion_timeout(self, waiting_for: int) -> IngestionTimeoutError:
+        return IngestionTimeoutError(
+            f"{waiting_for} published events are not queryable in Kusto after "
+            f"{self.strong_timeout}s; they are still queued. Is the ingestor worker running?"
+        )
 
     # -- reads ------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """The read cache: read-your-writes for ``session`` consistency, bounded in entries and bytes.
 
-It holds what this process wrote, in serialized form (so callers always get fresh
-objects). An entry whose event Kusto has not confirmed yet is pinned: evicting it could
-make this process read state older than it wrote. Confirmed entries are evicted least
-recently used first.
+It holds what this process wrote, in serialized form, so every read hands out fresh
+objects. Eviction is least-recently-used. Evicting an entry whose events Kusto has not
+confirmed yet would let a later read return older state than this process wrote, so the
+cache remembers such keys (a few bytes each) as *awaited*: a read of them first waits
+until Kusto has ingested those events. Kusto confirms events in bulk (``confirm``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from langgraph.checkpoint.kusto.shared.assembly import (
 from langgraph.checkpoint.kusto.shared.rows import StoredValue
 
 DEFAULT_MAX_ENTRIES = 10_000
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
 _WriteSlots = dict[tuple[str, int], StoredWrite]
-DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+_BlobRef = tuple[str, str, str, str]
+"""(thread_id, checkpoint_ns, channel, version): blobs are shared by the checkpoints
+that reference them, as in the official savers, and counted once."""
 
 
 @dataclass(slots=True)
@@ -32,17 +36,11 @@ class _Entry:
     checkpoint: StoredCheckpoint
     event_ids: set[str]
     size: int
-    confirmed: bool = False
-    pending_writes: dict[tuple[str, int], StoredWrite] = field(default_factory=dict)
-
-
-_BlobRef = tuple[str, str, str, str]
-"""(thread_id, checkpoint_ns, channel, version): blobs are shared by the checkpoints
-that reference them, as in the official savers, and counted once."""
+    pending_writes: _WriteSlots = field(default_factory=dict)
 
 
 class ReadCache:
-    """Thread-safe; all methods are O(1) or O(entries of one thread)."""
+    """Thread-safe. Every operation is O(1) amortized or O(entries of one thread)."""
 
     def __init__(
         self, max_entries: int = DEFAULT_MAX_ENTRIES, max_bytes: int = DEFAULT_MAX_BYTES
@@ -53,11 +51,15 @@ class ReadCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[CheckpointKey, _Entry] = OrderedDict()
         self._latest: dict[tuple[str, str], str] = {}
+        self._blobs: dict[_BlobRef, tuple[StoredValue, int]] = {}
+        self._orphan_writes: dict[CheckpointKey, tuple[set[str], _WriteSlots]] = {}
+        self._pending: dict[str, int] = {}
+        """Events published but not yet confirmed in Kusto: event id -> sequence."""
+        self._awaited: dict[str, dict[tuple[str, str], set[str]]] = {}
+        """thread -> (ns, checkpoint id) -> unconfirmed events of an evicted entry."""
         self._deleted: dict[str, int] = {}
         self._deleted_runs: dict[str, int] = {}
         self._pruned: dict[str, tuple[int, frozenset[tuple[str, str]]]] = {}
-        self._orphan_writes: dict[CheckpointKey, tuple[set[str], _WriteSlots]] = {}
-        self._blobs: dict[_BlobRef, tuple[StoredValue, int]] = {}
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -68,12 +70,14 @@ class ReadCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, checkpoint: StoredCheckpoint, event_id: str) -> bool:
+    # -- writes -------------------------------------------------------------
+
+    def put(self, checkpoint: StoredCheckpoint, event_id: str, seq: int) -> bool:
         """Cache a checkpoint this process wrote.
 
         Blobs of channels it did not change come from the checkpoints cached before it.
-        If one is not cached, the checkpoint cannot be served whole from here: it is not
-        cached and reads of the thread go to Kusto. ``False`` says so.
+        If one is not cached, the checkpoint cannot be served whole from here: it is
+        awaited instead (reads wait for Kusto). ``False`` says so.
         """
         thread_id, checkpoint_ns = checkpoint.thread_id, checkpoint.checkpoint_ns
         ns_key = (thread_id, checkpoint_ns)
@@ -82,6 +86,7 @@ class ReadCache:
             for channel, version in checkpoint.channel_versions.items()
         }
         with self._lock:
+            self._pending[event_id] = seq
             complete = all(c in checkpoint.blobs or ref in self._blobs for c, ref in refs.items())
             if complete:
                 # Hold the new references before releasing an earlier put's, which may be
@@ -91,62 +96,37 @@ class ReadCache:
             # Pending writes may arrive before their checkpoint (LangGraph saves checkpoints
             # in the background while the next step runs); they, like the writes of an
             # earlier put of the same id, belong to the entry.
-            previous = self._remove(checkpoint.key)
+            previous = self._entries.pop(checkpoint.key, None)
+            if previous is not None:
+                self._release(previous)
             held = self._orphan_writes.pop(checkpoint.key, None)
             pending: _WriteSlots = dict(previous.pending_writes) if previous else {}
-            event_ids = {event_id}
+            event_ids = {event_id} | (previous.event_ids if previous else set())
             if held is not None:
                 event_ids |= held[0]
                 add_writes(pending, held[1].values())
             if not complete:
-                self._latest.pop(ns_key, None)
-                if pending:
-                    self._orphan_writes[checkpoint.key] = (event_ids, pending)
+                self._await(checkpoint.key, event_ids)
+                if self._latest.get(ns_key, "") <= checkpoint.checkpoint_id:
+                    self._latest.pop(ns_key, None)
                 return False
             checkpoint.blobs = {}
             size = len(checkpoint.checkpoint.data) + sum(
                 len(w.value.data) for w in pending.values()
             )
-            self._entries[checkpoint.key] = _Entry(checkpoint, event_ids, size, False, pending)
+            self._entries[checkpoint.key] = _Entry(checkpoint, event_ids, size, pending)
             self._bytes += size
             if checkpoint.checkpoint_id >= self._latest.get(ns_key, ""):
                 self._latest[ns_key] = checkpoint.checkpoint_id
-            self._evict_confirmed()
+            self._evict()
             return True
 
-    def _hold_blob(self, ref: _BlobRef, value: StoredValue | None) -> None:
-        """Count one more reference; a new value replaces the old one (the later write
-        wins, as it does in Kusto's answer)."""
-        held = self._blobs.get(ref)
-        if held is None:
-            assert value is not None
-            self._blobs[ref] = (value, 1)
-            self._bytes += len(value.data)
-            return
-        if value is not None:
-            self._bytes += len(value.data) - len(held[0].data)
-        self._blobs[ref] = (value or held[0], held[1] + 1)
-
-    def _release_blob(self, ref: _BlobRef) -> None:
-        value, count = self._blobs[ref]
-        if count > 1:
-            self._blobs[ref] = (value, count - 1)
-        else:
-            del self._blobs[ref]
-            self._bytes -= len(value.data)
-
-    def _remove(self, key: CheckpointKey) -> _Entry | None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self._bytes -= entry.size
-            checkpoint = entry.checkpoint
-            for channel, version in checkpoint.channel_versions.items():
-                self._release_blob((key[0], key[1], channel, version))
-        return entry
-
-    def put_writes(self, key: CheckpointKey, writes: Iterable[StoredWrite], event_id: str) -> None:
-        """Record writes; for a checkpoint not cached here they wait for Kusto to confirm them."""
+    def put_writes(
+        self, key: CheckpointKey, writes: Iterable[StoredWrite], event_id: str, seq: int
+    ) -> None:
+        """Record pending writes; for a checkpoint not cached they wait for Kusto."""
         with self._lock:
+            self._pending[event_id] = seq
             entry = self._entries.get(key)
             if entry is None:
                 event_ids, slots = self._orphan_writes.setdefault(key, (set(), {}))
@@ -157,14 +137,39 @@ class ReadCache:
             entry.size += added
             self._bytes += added
             entry.event_ids.add(event_id)
-            entry.confirmed = False
             self._entries.move_to_end(key)
+            self._evict()
 
-    def orphan_writes(self, key: CheckpointKey) -> list[StoredWrite]:
-        """Writes this process made for a checkpoint it did not write itself."""
+    def delete_thread(self, thread_id: str, seq: int) -> None:
         with self._lock:
-            held = self._orphan_writes.get(key)
-            return [] if held is None else list(held[1].values())
+            self._drop(key for key in self._entries if key[0] == thread_id)
+            for key in [k for k in self._orphan_writes if k[0] == thread_id]:
+                del self._orphan_writes[key]
+            self._awaited.pop(thread_id, None)
+            self._deleted[thread_id] = seq
+
+    def delete_runs(self, run_ids: Iterable[str], seq: int) -> None:
+        runs = set(run_ids)
+        with self._lock:
+            self._drop(
+                key
+                for key, entry in self._entries.items()
+                if entry.checkpoint.metadata.get("run_id") in runs
+            )
+            for run_id in runs:
+                self._deleted_runs[run_id] = seq
+
+    def prune(self, thread_id: str, kept: Iterable[tuple[str, str]], seq: int) -> None:
+        survivors = frozenset(kept)
+        with self._lock:
+            self._drop(
+                key
+                for key in self._entries
+                if key[0] == thread_id and (key[1], key[2]) not in survivors
+            )
+            self._pruned[thread_id] = (seq, survivors)
+
+    # -- reads --------------------------------------------------------------
 
     def get(self, key: CheckpointKey) -> StoredCheckpoint | None:
         with self._lock:
@@ -177,7 +182,9 @@ class ReadCache:
     def latest(self, thread_id: str, checkpoint_ns: str) -> StoredCheckpoint | None:
         with self._lock:
             checkpoint_id = self._latest.get((thread_id, checkpoint_ns))
-            entry = self._entries.get((thread_id, checkpoint_ns, checkpoint_id or ""))
+            if checkpoint_id is None:
+                return None
+            entry = self._entries.get((thread_id, checkpoint_ns, checkpoint_id))
             return None if entry is None else self._merged(entry)
 
     def of_thread(self, thread_id: str | None) -> list[StoredCheckpoint]:
@@ -188,39 +195,11 @@ class ReadCache:
                 if thread_id is None or key[0] == thread_id
             ]
 
-    def delete_thread(self, thread_id: str, seq: int) -> None:
+    def orphan_writes(self, key: CheckpointKey) -> list[StoredWrite]:
+        """Writes this process made for a checkpoint it did not write itself."""
         with self._lock:
-            for key in [k for k in self._entries if k[0] == thread_id]:
-                self._remove(key)
-            for ns_key in [k for k in self._latest if k[0] == thread_id]:
-                del self._latest[ns_key]
-            for key in [k for k in self._orphan_writes if k[0] == thread_id]:
-                del self._orphan_writes[key]
-            self._deleted[thread_id] = seq
-
-    def delete_runs(self, run_ids: Iterable[str], seq: int) -> None:
-        runs = set(run_ids)
-        with self._lock:
-            for key in [
-                k for k, e in self._entries.items() if e.checkpoint.metadata.get("run_id") in runs
-            ]:
-                self._remove(key)
-                ns_key = (key[0], key[1])
-                if self._latest.get(ns_key) == key[2]:
-                    del self._latest[ns_key]
-            for run_id in runs:
-                self._deleted_runs[run_id] = seq
-
-    def prune(self, thread_id: str, kept: Iterable[tuple[str, str]], seq: int) -> None:
-        survivors = frozenset(kept)
-        with self._lock:
-            for key in [k for k in self._entries if k[0] == thread_id]:
-                if (key[1], key[2]) not in survivors:
-                    self._remove(key)
-            for ns_key in [k for k in self._latest if k[0] == thread_id]:
-                if (ns_key[1], self._latest[ns_key]) not in survivors:
-                    del self._latest[ns_key]
-            self._pruned[thread_id] = (seq, survivors)
+            held = self._orphan_writes.get(key)
+            return [] if held is None else list(held[1].values())
 
     def hides(self, checkpoint: StoredCheckpoint) -> bool:
         """Whether a delete or prune this process made hides ``checkpoint`` read from Kusto.
@@ -240,52 +219,115 @@ class ReadCache:
             and (checkpoint.checkpoint_ns, checkpoint.checkpoint_id) not in pruned[1]
         )
 
-    def unconfirmed_event_ids(self, limit: int) -> list[str]:
+    def awaited(
+        self, thread_id: str | None, checkpoint_ns: str | None, checkpoint_id: str | None
+    ) -> dict[str, int]:
+        """Events Kusto must hold before a read of this scope may trust it (id -> seq)."""
         with self._lock:
-            ids: list[str] = []
-            for entry in self._entries.values():
-                if not entry.confirmed:
-                    ids.extend(entry.event_ids)
-            for event_ids, _ in self._orphan_writes.values():
-                ids.extend(event_ids)
-            return ids[:limit]
+            threads = (
+                self._awaited.values()
+                if thread_id is None
+                else ([self._awaited[thread_id]] if thread_id in self._awaited else [])
+            )
+            found: dict[str, int] = {}
+            for by_checkpoint in threads:
+                for (ns, cid), event_ids in by_checkpoint.items():
+                    if checkpoint_ns is not None and ns != checkpoint_ns:
+                        continue
+                    if checkpoint_id and cid != checkpoint_id:
+                        continue
+                    found.update((e, self._pending[e]) for e in event_ids if e in self._pending)
+            return found
 
-    def confirm(self, visible_event_ids: set[str]) -> None:
-        """Mark entries whose every event is queryable in Kusto; they become evictable."""
+    # -- confirmation from Kusto ----------------------------------------------
+
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def oldest_pending_seq(self) -> int | None:
         with self._lock:
-            for entry in self._entries.values():
-                if not entry.confirmed and entry.event_ids <= visible_event_ids:
-                    entry.confirmed = True
+            return min(self._pending.values(), default=None)
+
+    def pending_events(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._pending)
+
+    def confirm(self, ingested_event_ids: Iterable[str]) -> None:
+        """Events Kusto has ingested: their entries become plain evictable entries."""
+        with self._lock:
+            for event_id in ingested_event_ids:
+                self._pending.pop(event_id, None)
+            for thread_id in list(self._awaited):
+                by_checkpoint = self._awaited[thread_id]
+                for key in list(by_checkpoint):
+                    by_checkpoint[key] &= self._pending.keys()
+                    if not by_checkpoint[key]:
+                        del by_checkpoint[key]
+                if not by_checkpoint:
+                    del self._awaited[thread_id]
             for key in [
-                k for k, (ids, _) in self._orphan_writes.items() if ids <= visible_event_ids
+                k for k, (ids, _) in self._orphan_writes.items() if not ids & self._pending.keys()
             ]:
                 del self._orphan_writes[key]
-            self._evict_confirmed()
-
-    def has_unconfirmed(self) -> bool:
-        with self._lock:
-            return bool(self._orphan_writes) or any(not e.confirmed for e in self._entries.values())
 
     def over_bound(self) -> bool:
         return len(self._entries) > self.max_entries or self._bytes > self.max_bytes
 
-    def _evict_confirmed(self) -> None:
-        if not self.over_bound():
-            return
-        for key in [k for k, e in self._entries.items() if e.confirmed]:
-            self._remove(key)
+    # -- internals (lock held) --------------------------------------------------
+
+    def _evict(self) -> None:
+        while self._entries and self.over_bound():
+            key, entry = self._entries.popitem(last=False)
+            self._release(entry)
+            unconfirmed = entry.event_ids & self._pending.keys()
+            if unconfirmed:
+                self._await(key, unconfirmed)
             ns_key = (key[0], key[1])
             if self._latest.get(ns_key) == key[2]:
                 del self._latest[ns_key]
-            if not self.over_bound():
-                return
+
+    def _await(self, key: CheckpointKey, event_ids: set[str]) -> None:
+        by_checkpoint = self._awaited.setdefault(key[0], {})
+        by_checkpoint.setdefault((key[1], key[2]), set()).update(event_ids)
+
+    def _drop(self, keys: Iterable[CheckpointKey]) -> None:
+        for key in list(keys):
+            self._release(self._entries.pop(key))
+            ns_key = (key[0], key[1])
+            if self._latest.get(ns_key) == key[2]:
+                del self._latest[ns_key]
+
+    def _release(self, entry: _Entry) -> None:
+        self._bytes -= entry.size
+        checkpoint = entry.checkpoint
+        for channel, version in checkpoint.channel_versions.items():
+            ref = (checkpoint.thread_id, checkpoint.checkpoint_ns, channel, version)
+            value, count = self._blobs[ref]
+            if count > 1:
+                self._blobs[ref] = (value, count - 1)
+            else:
+                del self._blobs[ref]
+                self._bytes -= len(value.data)
+
+    def _hold_blob(self, ref: _BlobRef, value: StoredValue | None) -> None:
+        """Count one more reference; a new value replaces the old one (the later write
+        wins, as it does in Kusto's answer)."""
+        held = self._blobs.get(ref)
+        if held is None:
+            assert value is not None
+            self._blobs[ref] = (value, 1)
+            self._bytes += len(value.data)
+            return
+        if value is not None:
+            self._bytes += len(value.data) - len(held[0].data)
+        self._blobs[ref] = (value or held[0], held[1] + 1)
 
     def _merged(self, entry: _Entry) -> StoredCheckpoint:
         checkpoint = entry.checkpoint
         thread_id, checkpoint_ns = checkpoint.thread_id, checkpoint.checkpoint_ns
         return StoredCheckpoint(
-            thread_id=checkpoint.thread_id,
-            checkpoint_ns=checkpoint.checkpoint_ns,
+            thread_id=thread_id,
+            checkpoint_ns=checkpoint_ns,
             checkpoint_id=checkpoint.checkpoint_id,
             parent_checkpoint_id=checkpoint.parent_checkpoint_id,
             checkpoint=checkpoint.checkpoint,

@@ -179,13 +179,13 @@ def _filter_pairs(metadata_filter: Mapping[str, Any]) -> list[str]:
     return metadata_pairs(metadata_filter)
 
 
-VISIBLE_EVENTS = """\
-declare query_parameters(event_ids:string);
+INGESTED_EVENTS = """\
+declare query_parameters(publisher:string, since:long);
 {table}
-| where set_has_element(split(event_ids, ","), EventId)
+| where EventSeq >= since and EventId startswith publisher
 | summarize by EventId"""
 
 
-def visible_events(event_ids: list[str]) -> Query:
-    """Which of ``event_ids`` (hex, so a comma joins them safely) Kusto has ingested."""
-    return Query(VISIBLE_EVENTS.format(table=TABLE), {"event_ids": ",".join(event_ids)})
+def ingested_events(publisher: str, since: int) -> Query:
+    """Which events of one publisher (saver instance) with ``seq >= since`` Kusto holds."""
+    return Query(INGESTED_EVENTS.format(table=TABLE), {"publisher": publisher, "since": since})

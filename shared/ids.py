@@ -1,20 +1,32 @@
 """Identifiers and ordering.
 
-Event ids are random (uuid4) but fixed when the event is built, so every message of
-the event and every row it becomes carry deterministic ids derived from it. ``seq`` is a
-hybrid logical clock: wall-clock nanoseconds, strictly increasing within a process, so
-a delete hides exactly what this process wrote before it.
+An event id is fixed when the event is built, so every message of the event and every
+row it becomes carry deterministic ids derived from it. Ids are a random per-publisher
+prefix plus a counter: a publisher can ask Kusto which of its own events it has ingested
+with one prefix query. ``seq`` is a hybrid logical clock: wall-clock nanoseconds,
+strictly increasing within a process, so a delete hides exactly what this process wrote
+before it.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
 
+EVENT_ID_PREFIX_LENGTH = 20
 
-def new_event_id() -> str:
-    return uuid.uuid4().hex
+
+class EventIds:
+    """``<publisher prefix><counter>``: unique across processes and restarts."""
+
+    def __init__(self) -> None:
+        self.prefix = uuid.uuid4().hex[:EVENT_ID_PREFIX_LENGTH]
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self._counter):012x}"
 
 
 def row_id(event_id: str, index: int) -> str:

@@ -7,9 +7,7 @@ through the saver that wrote (session mode: cache plus Kusto) and through a fres
 
 from __future__ import annotations
 
-import asyncio
 import operator
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypedDict
@@ -18,7 +16,6 @@ import pytest
 from langgraph.channels.delta import DeltaChannel
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.kusto import AsyncKustoSaver
-from langgraph.checkpoint.kusto.queries import visible_events
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, StateGraph
 from langgraph.types import Command, RetryPolicy, Send, interrupt
@@ -196,18 +193,6 @@ async def _history(app: Any, thread: str) -> list[Any]:
     return [described, subgraph_values]
 
 
-async def _wait_ingested(saver: AsyncKustoSaver) -> None:
-    """Until Kusto holds every event this saver published."""
-    assert saver.cache is not None
-    deadline = time.monotonic() + 60
-    while pending := saver.cache.unconfirmed_event_ids(10_000):
-        rows = await saver.queries.run(visible_events(pending))
-        saver.cache.confirm({str(row["EventId"]) for row in rows})
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{len(pending)} events not ingested in 60 s")
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.__name__)
 async def test_histories_match_in_memory_saver(stack: Any, scenario: Scenario) -> None:
     reference_thread = f"ref-{uuid.uuid4().hex[:8]}"
@@ -220,7 +205,7 @@ async def test_histories_match_in_memory_saver(stack: Any, scenario: Scenario) -
     ) as saver:
         app = await scenario(saver, thread)
         assert await _history(app, thread) == expected
-        await _wait_ingested(saver)
+        await saver.wait_for_ingestion(timeout=60)
 
     async with AsyncKustoSaver.from_conn_string(
         stack.queue_url, stack.cluster, stack.database, consistency="eventual"

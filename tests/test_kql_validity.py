@@ -57,8 +57,8 @@ import pytest
 from langgraph.checkpoint.kusto.queries import (
     VISIBLE_CHECKPOINTS,
     channel_history,
+    ingested_events,
     select_checkpoints,
-    visible_events,
 )
 from langgraph.checkpoint.kusto.schema import provision_commands
 from langgraph.checkpoint.kusto.settings import DEFAULT_DATABASE
@@ -106,9 +106,8 @@ def select_checkpoints_renderings() -> Iterator[Rendering]:
         yield name, query.text
 
 
-def visible_events_renderings() -> Iterator[Rendering]:
-    for ids in (["0a1b"], ["0a1b", "2c3d", "4e5f"], []):
-        yield f"visible_events({len(ids)} ids)", visible_events(ids).text
+def ingested_events_renderings() -> Iterator[Rendering]:
+    yield "ingested_events", ingested_events("0123456789abcdef0123", 1_700_000_000_000_000_000).text
 
 
 def channel_history_renderings() -> Iterator[Rendering]:
@@ -131,7 +130,7 @@ def visible_checkpoints_renderings() -> Iterator[Rendering]:
 
 BUILDERS: dict[str, Callable[[], Iterator[Rendering]]] = {
     "langgraph.checkpoint.kusto.queries.SELECT_CHECKPOINTS": select_checkpoints_renderings,
-    "langgraph.checkpoint.kusto.queries.VISIBLE_EVENTS": visible_events_renderings,
+    "langgraph.checkpoint.kusto.queries.INGESTED_EVENTS": ingested_events_renderings,
     "langgraph.checkpoint.kusto.queries.CHANNEL_HISTORY": channel_history_renderings,
     "langgraph.checkpoint.kusto.queries.VISIBLE_CHECKPOINTS": visible_checkpoints_renderings,
 }

@@ -17,7 +17,7 @@ from langgraph.checkpoint.kusto import AsyncKustoSaver, KustoSaver
 from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor
 from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
 from langgraph.checkpoint.kusto.outbox import open_queue
-from langgraph.checkpoint.kusto.queries import Query, select_checkpoints, visible_events
+from langgraph.checkpoint.kusto.queries import Query, select_checkpoints
 from langgraph.checkpoint.serde.encrypted import EncryptedSerializer
 
 
@@ -237,12 +237,7 @@ async def test_encrypted_serializer_round_trips_and_kusto_never_sees_plaintext(
             {"step": 0},
             checkpoint["channel_versions"],
         )
-        assert saver.cache is not None
-        pending = saver.cache.unconfirmed_event_ids(10)
-        deadline = time.monotonic() + 30
-        while len(await saver.queries.run(visible_events(pending))) < len(pending):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        await saver.wait_for_ingestion(timeout=30)
         raw = await saver.queries.run(
             Query(
                 "declare query_parameters(t:string);\n"

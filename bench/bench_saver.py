@@ -1,0 +1,237 @@
+"""Saver benchmark: ours on the local stack next to LangGraph's own savers, in one run.
+
+    python bench/bench_saver.py [--ops 2000] [--steps 300]
+
+Prints per-operation microseconds for put, put_writes, get_tuple (cache hit and miss),
+list, and a real agent graph's steps/s with the no-checkpointer ceiling, then the ratios
+the project targets. Ours runs in ``session`` mode with a worker ingesting in the
+background; "miss" reads come from a fresh ``eventual`` saver (Kusto only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import operator
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
+from langgraph.checkpoint.base.id import uuid6
+from langgraph.checkpoint.kusto import AsyncKustoSaver
+from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor
+from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
+from langgraph.checkpoint.kusto.kusto import KustoQueries
+from langgraph.checkpoint.kusto.local.kusto_server import start_local_kusto
+from langgraph.checkpoint.kusto.outbox import open_queue
+from langgraph.checkpoint.kusto.schema import provision_commands
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from langgraph.graph import END, START, StateGraph
+
+DATABASE = "langgraph"
+
+
+class AgentState(TypedDict, total=False):
+    messages: Annotated[list[dict[str, str]], operator.add]
+    turns: int
+
+
+def agent_graph(checkpointer: Any) -> Any:
+    """model -> tool -> model ... a fixed number of turns, like a tool-calling agent."""
+
+    def model(state: AgentState) -> dict[str, Any]:
+        turn = state.get("turns", 0)
+        return {
+            "messages": [{"role": "assistant", "content": f"call tool #{turn}"}],
+            "turns": turn + 1,
+        }
+
+    def tool(state: AgentState) -> dict[str, Any]:
+        return {"messages": [{"role": "tool", "content": "result " * 20}]}
+
+    def route(state: AgentState) -> str:
+        return "tool" if state["turns"] < 5 else END
+
+    graph = StateGraph(AgentState)
+    graph.add_node("model", model)
+    graph.add_node("tool", tool)
+    graph.add_edge(START, "model")
+    graph.add_conditional_edges("model", route, ["tool", END])
+    graph.add_edge("tool", "model")
+    return graph.compile(checkpointer=checkpointer)
+
+
+def _checkpoint(step: int) -> Any:
+    checkpoint = empty_checkpoint()
+    checkpoint["id"] = str(uuid6(clock_seq=step))
+    checkpoint["channel_values"] = {
+        "messages": [{"role": "user", "content": "hello " * 30}] * 4,
+        "turns": step,
+    }
+    checkpoint["channel_versions"] = {"messages": f"{step:032}.0", "turns": f"{step:032}.0"}
+    return checkpoint
+
+
+async def _timed(n: int, call: Callable[[int], Awaitable[Any]]) -> float:
+    """Median microseconds per call over ``n`` calls (after a short warm-up)."""
+    for i in range(min(20, n)):
+        await call(i)
+    samples = []
+    for i in range(n):
+        start = time.perf_counter()
+        await call(i)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e6
+
+
+async def measure(
+    saver: BaseCheckpointSaver, reader: BaseCheckpointSaver, ops: int
+) -> dict[str, float]:
+    configs: list[Any] = []
+
+    async def put(i: int) -> None:
+        checkpoint = _checkpoint(i)
+        config = {"configurable": {"thread_id": f"bench-{i % 50}", "checkpoint_ns": ""}}
+        configs.append(
+            await saver.aput(
+                config, checkpoint, {"source": "loop", "step": i}, checkpoint["channel_versions"]
+            )
+        )
+
+    results = {"put": await _timed(ops, put)}
+
+    async def put_writes(i: int) -> None:
+        await saver.aput_writes(configs[i % len(configs)], [("messages", {"i": i})], f"task-{i}")
+
+    results["put_writes"] = await _timed(ops, put_writes)
+
+    async def get_hit(i: int) -> None:
+        assert await saver.aget_tuple(configs[-1 - (i % 50)]) is not None
+
+    results["get_tuple (hit)"] = await _timed(ops, get_hit)
+    if reader is not saver:
+        await saver.wait_for_ingestion()  # type: ignore[attr-defined]
+
+    async def get_miss(i: int) -> None:
+        assert await reader.aget_tuple(configs[-1 - (i % 50)]) is not None
+
+    results["get_tuple (miss)"] = await _timed(max(ops // 10, 20), get_miss)
+
+    async def list_ten(i: int) -> None:
+        found = [
+            t
+            async for t in reader.alist(
+                {"configurable": {"thread_id": f"bench-{i % 50}"}}, limit=10
+            )
+        ]
+        assert found
+
+    results["list (limit 10)"] = await _timed(max(ops // 20, 20), list_ten)
+    return results
+
+
+async def steps_per_second(checkpointer: Any, runs: int) -> float:
+    app = agent_graph(checkpointer)
+    steps = 0
+    start = time.perf_counter()
+    for i in range(runs):
+        config = {"configurable": {"thread_id": f"graph-{i}-{time.time_ns()}"}}
+        result = await app.ainvoke({"messages": [{"role": "user", "content": "go"}]}, config)
+        steps += result["turns"] * 2
+    return steps / (time.perf_counter() - start)
+
+
+@asynccontextmanager
+async def local_stack(root: Path) -> AsyncIterator[tuple[str, str]]:
+    server = start_local_kusto(root / "kusto", port=0, database=DATABASE)
+    queries = KustoQueries(server.url, DATABASE)
+    for command in provision_commands():
+        queries.command(command)
+    queries.close()
+    queue_url = f"sqlite:///{root / 'outbox.db'}"
+    receiver = open_queue(queue_url)
+    ingestor = KustoIngestor(server.url, DATABASE)
+    stop = threading.Event()
+    worker = threading.Thread(
+        target=Worker(receiver, ingestor, max_wait=0.05).run, args=(stop,), daemon=True
+    )
+    worker.start()
+    try:
+        yield queue_url, server.url
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+        ingestor.close()
+        receiver.close()
+        server.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=60, help="agent graph runs per saver")
+    args = parser.parse_args()
+
+    rows: dict[str, dict[str, float]] = {}
+    steps: dict[str, float] = {}
+    root = Path(tempfile.mkdtemp(prefix="bench-saver-"))
+    try:
+        steps["no checkpointer"] = await steps_per_second(None, args.runs)
+
+        memory = InMemorySaver()
+        rows["InMemorySaver"] = await measure(memory, memory, args.ops)
+        steps["InMemorySaver"] = await steps_per_second(InMemorySaver(), args.runs)
+
+        async with AsyncSqliteSaver.from_conn_string(str(root / "sqlite.db")) as sqlite:
+            rows["AsyncSqliteSaver"] = await measure(sqlite, sqlite, args.ops)
+            steps["AsyncSqliteSaver"] = await steps_per_second(sqlite, args.runs)
+
+        async with local_stack(root) as (queue_url, cluster):
+            async with (
+                AsyncKustoSaver.from_conn_string(queue_url, cluster, DATABASE) as ours,
+                AsyncKustoSaver.from_conn_string(
+                    queue_url, cluster, DATABASE, consistency="eventual"
+                ) as reader,
+            ):
+                rows["AsyncKustoSaver"] = await measure(ours, reader, args.ops)
+                steps["AsyncKustoSaver"] = await steps_per_second(ours, args.runs)
+        if shutil.which("pg_ctl") is None:
+            print(
+                "AsyncPostgresSaver: not measured (no PostgreSQL server binary on this machine)\n"
+            )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    names = list(rows)
+    print(f"{'µs per call (median)':<22}" + "".join(f"{n:>20}" for n in names))
+    for op in rows[names[0]]:
+        print(f"{op:<22}" + "".join(f"{rows[n][op]:>20.1f}" for n in names))
+    print()
+    print(f"{'agent graph steps/s':<22}" + "".join(f"{steps[n]:>20.0f}" for n in steps))
+    print(f"{'':<22}" + "".join(f"{n:>20}" for n in steps))
+    print()
+    ours = rows["AsyncKustoSaver"]
+    targets = [
+        ("steps/s vs AsyncSqliteSaver", steps["AsyncKustoSaver"] / steps["AsyncSqliteSaver"], 1.5),
+        ("steps/s vs InMemorySaver", steps["AsyncKustoSaver"] / steps["InMemorySaver"], 0.8),
+        (
+            "get_tuple hit speed-up vs InMemorySaver",
+            rows["InMemorySaver"]["get_tuple (hit)"] / ours["get_tuple (hit)"],
+            2.0,
+        ),
+    ]
+    for name, ratio, target in targets:
+        verdict = "meets" if ratio >= target else "MISSES"
+        print(f"{name:<42} {ratio:6.2f}x  (target >= {target}x: {verdict})")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
