@@ -1,4 +1,5 @@
-"""Local stand-ins for Azure: a Kusto-compatible server on DuckDB.
+"""Local stand-ins for Azure: a Kusto-compatible server on DuckDB, whose data-management
+endpoint takes queued ingestion through azurite (the Azure Storage emulator, npm).
 
 The names are loaded on first use, so importing this package does not import DuckDB
 (an optional dependency: ``pip install 'langgraph-checkpoint-kusto[local]'``).
@@ -9,9 +10,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .kusto_server import LocalKustoServer, serve_local_kusto, start_local_kusto
+    from .kusto_server import (
+        Azurite,
+        LocalKustoServer,
+        serve_local_kusto,
+        start_azurite,
+        start_local_kusto,
+    )
 
-__all__ = ["LocalKustoServer", "serve_local_kusto", "start_local_kusto"]
+__all__ = [
+    "Azurite",
+    "LocalKustoServer",
+    "serve_local_kusto",
+    "start_azurite",
+    "start_local_kusto",
+]
 
 
 def __getattr__(name: str) -> Any:

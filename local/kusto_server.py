@@ -9,11 +9,16 @@ against it for this project:
   value as the text of a Kusto literal; both are decoded here, so
   ``ClientRequestProperties.set_parameter`` reaches ``declare query_parameters``;
 * the management commands ``provision.kql`` and an operator use (tables, functions,
-  policies, ingestion mappings, ``.show table T cslschema``), with function definitions
-  persisted in the DuckDB file so a restarted server still has them;
+  materialized views as always-fresh views, policies, ingestion mappings, ``.show table
+  T cslschema`` / ``extents``), with definitions persisted in the DuckDB file so a
+  restarted server still has them;
 * the streaming-ingest route the ingest SDK posts to, committing each request in one
   DuckDB transaction, because Kusto commits one ingestion operation atomically and the
-  saver's "no torn reads" invariant is built on that;
+  saver's "no torn reads" invariant is built on that; every ingestion is recorded as an
+  extent with its tags, so ``ingestIfNotExists`` / ``ingest-by:`` work as in Kusto;
+* queued ingestion, given Azure Storage (azurite, started by :func:`start_azurite`): the
+  data-management commands ``QueuedIngestClient`` sends, and a background service that
+  ingests the blobs it queues, one transaction per blob;
 * Kusto's documented handling of invalid data (``ingest-invalid-data``): malformed
   ``multijson`` fails the whole request, oversized strings are cut at 1 MB, oversized
   dynamics and mistyped values become null. Emulating the limits is deliberate: a
@@ -36,9 +41,12 @@ import gzip
 import io
 import json
 import math
+import os
 import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -72,8 +80,11 @@ from duckdb_kql.types import kusto_type
 __all__ = [
     "DEFAULT_DATABASE",
     "MAX_STREAMING_REQUEST_BYTES",
+    "Azurite",
     "LocalKustoServer",
+    "StorageAccount",
     "serve_local_kusto",
+    "start_azurite",
     "start_local_kusto",
 ]
 
@@ -456,6 +467,29 @@ class IngestError(Exception):
         self.status = status
 
 
+class Extent(NamedTuple):
+    """What one ingestion operation stored: Kusto's unit of atomic visibility."""
+
+    extent_id: uuid.UUID
+    table: str
+    row_count: int
+    tags: tuple[str, ...]
+    created: dt.datetime
+
+
+def _string_list(text: str | None, name: str) -> list[str]:
+    """A JSON array of strings, the way Kusto takes ``tags`` and ``ingestIfNotExists``."""
+    if not text:
+        return []
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise IngestError(f"{name} must be a JSON array of strings, got {text[:200]!r}")
+    return value
+
+
 _JSON_FORMATS = frozenset({"json", "multijson", "singlejson"})
 _CSV_DELIMITERS = {"csv": ",", "tsv": "\t", "scsv": ";", "psv": "|", "sohsv": "\x01"}
 _MISSING = object()
@@ -782,6 +816,11 @@ _CLEAR_TABLE = re.compile(rf"^\.clear\s+table\s+({_NAME})\s+data\s*$", _F)
 _MATERIALIZED_VIEW = re.compile(
     r"^\.(create|create-or-alter)\s+(?:async\s+)?materialized-view\s+", _F
 )
+_SHOW_MATERIALIZED_VIEWS = re.compile(r"^\.show\s+materialized-views\s*$", _F)
+_SHOW_EXTENTS = re.compile(rf"^\.show\s+table\s+({_NAME})\s+extents\s*$", _F)
+_GET_INGESTION_RESOURCES = re.compile(r"^\.get\s+ingestion\s+resources\s*$", _F)
+_GET_IDENTITY_TOKEN = re.compile(r"^\.get\s+kusto\s+identity\s+token\s*$", _F)
+_SHOW_INGESTION_FAILURES = re.compile(r"^\.show\s+ingestion\s+failures\s*$", _F)
 _DROP_MATERIALIZED_VIEW = re.compile(
     rf"^\.drop\s+materialized-view\s+({_NAME})(\s+ifexists)?\s*$", _F
 )
@@ -880,6 +919,10 @@ class _LocalHandler(_Handler):
         if not isinstance(request, dict):
             return body
         database = request.get("db")
+        if database == _NO_DATABASE:
+            # What the ingest SDK names for data-management commands, which are not about
+            # any database; one served here stands in, for duckdb-kql's checks.
+            request["db"] = database = self.server.database
         if isinstance(database, str) and database and not self.server.serves(database):
             self._send(
                 400,
@@ -933,7 +976,7 @@ class _LocalHandler(_Handler):
                     status=413,
                 )
             data = _decode_body(body, self.headers.get("Content-Encoding"))
-            count = self.server.ingest(
+            extent = self.server.ingest(
                 table,
                 args.get("streamformat", "csv"),
                 data,
@@ -945,7 +988,8 @@ class _LocalHandler(_Handler):
         except Exception as exc:  # any engine failure is the answer, as a Kusto error
             self._send(400, error_response(str(exc), code="BadRequest_InvalidBlob"))
             return
-        self._send(200, _streaming_ingest_response(count))
+        # Streaming ingestion takes no ingestIfNotExists, so an extent always results.
+        self._send(200, _streaming_ingest_response(extent.row_count if extent else 0))
 
 
 def _streaming_ingest_response(count: int) -> dict[str, Any]:
@@ -965,6 +1009,9 @@ def _streaming_ingest_response(count: int) -> dict[str, Any]:
         ]
     }
 
+
+#: Kusto's name for "no database in particular", sent with data-management commands.
+_NO_DATABASE = "NetDefaultDB"
 
 #: Request options duckdb-kql refuses that are true no-ops here: nothing truncates
 #: results (so ``notruncation`` asks for what happens), and one local database is
@@ -1002,6 +1049,8 @@ class LocalKustoRestServer(KustoRestServer):
         )
         self.RequestHandlerClass = _LocalHandler
         self.max_streaming_bytes = max_streaming_bytes
+        #: The data-management side, while queued ingestion is on (it needs storage).
+        self.data_management: DataManagement | None = None
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
 
@@ -1217,7 +1266,7 @@ class LocalKustoRestServer(KustoRestServer):
                 if name in missing:
                     continue
                 self._con.execute(f"DROP TABLE {quote_ident(name)}")
-                for meta in ("__kusto_tables", "__kusto_mappings"):
+                for meta in ("__kusto_tables", "__kusto_mappings", "__kusto_extents"):
                     column = "Name" if meta == "__kusto_tables" else "TableName"
                     self._con.execute(f"DELETE FROM {_META}.{meta} WHERE {column} = ?", [name])
             rows = [[t, self.database] for t in self._table_names()]
@@ -1260,6 +1309,8 @@ class LocalKustoRestServer(KustoRestServer):
             if not self._is_table(table):
                 raise CommandError(f"Table '{table}' was not found")
             self._con.execute(f"DELETE FROM {quote_ident(table)}")
+            # The data's extents go with it, and so do their ingest-by tags.
+            self._con.execute(f"DELETE FROM {_META}.__kusto_extents WHERE TableName = ?", [table])
         return _result((("Status", "string"),), [["Success"]])
 
     # -- functions -----------------------------------------------------------
@@ -1314,35 +1365,75 @@ class LocalKustoRestServer(KustoRestServer):
 
         Kusto materializes in the background and may lag; a view is always fresh. The
         results agree once Kusto catches up, which is what a local stand-in can promise.
+        The definition is recorded for ``.show materialized-views``.
         """
+        verb = found.group(1).lower()
         rest = text[found.end() :].lstrip()
+        if_not_exists = bool(re.match(r"ifnotexists\s", rest, re.I))
+        rest = re.sub(r"^ifnotexists\s+", "", rest, flags=re.I)
+        props: dict[str, str] = {}
         if rest.lower().startswith("with"):
             opening = re.match(r"with\s*\(", rest, re.I)
             if opening is None:
                 raise CommandError("cannot read the materialized-view properties")
-            _, end = _parenthesized(rest, opening.end() - 1)
+            inside, end = _parenthesized(rest, opening.end() - 1)
+            props = _with_properties(inside)
             rest = rest[end:].lstrip()
-        rest = re.sub(r"^ifnotexists\s+", "", rest, flags=re.I)
         head = re.match(rf"({_NAME})\s+on\s+table\s+({_NAME})\s*\{{", rest, re.I)
         if head is None:
             raise CommandError("expected `Name on table Source { query }`")
-        body = rest[head.end() : rest.rfind("}")]
-        name = _unbracket(head.group(1))
+        body = rest[head.end() : rest.rfind("}")].strip()
+        name, source = _unbracket(head.group(1)), _unbracket(head.group(2))
         with self._lock:
-            sql = duckdb_kql.to_sql(body, schema=engine_schema(self._con))
-            if getattr(sql, "parameters", None):
-                raise CommandError("a materialized-view query cannot use parameters here")
-            self._con.execute(f"CREATE OR REPLACE VIEW {quote_ident(name)} AS {sql}")
+            exists = self._con.execute(
+                f"SELECT count(*) FROM {_META}.__kusto_materialized_views WHERE Name = ?", [name]
+            ).fetchone()
+            if verb == "create" and exists and exists[0]:
+                if not if_not_exists:
+                    raise CommandError(
+                        f"materialized view '{name}' already exists; use .create-or-alter"
+                    )
+            else:
+                sql = duckdb_kql.to_sql(body, schema=engine_schema(self._con))
+                if getattr(sql, "parameters", None):
+                    raise CommandError("a materialized-view query cannot use parameters here")
+                self._con.execute(f"CREATE OR REPLACE VIEW {quote_ident(name)} AS {sql}")
+                self._con.execute(
+                    f"INSERT OR REPLACE INTO {_META}.__kusto_materialized_views "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [name, source, body, props.get("folder", ""), props.get("docstring", "")],
+                )
+            return self._materialized_views(name)
+
+    def _materialized_views(self, name: str | None = None) -> Result:
+        rows = self._con.execute(
+            f"SELECT Name, SourceTable, Query, Folder, DocString FROM "
+            f"{_META}.__kusto_materialized_views WHERE ? IS NULL OR Name = ? ORDER BY Name",
+            [name, name],
+        ).fetchall()
         return _result(
-            (("Name", "string"), ("SourceTable", "string"), ("Query", "string")),
-            [[name, _unbracket(head.group(2)), body.strip()]],
+            (
+                ("Name", "string"),
+                ("SourceTable", "string"),
+                ("Query", "string"),
+                ("Folder", "string"),
+                ("DocString", "string"),
+            ),
+            rows,
         )
+
+    def _cmd_show_materialized_views(self, text: str, found: re.Match[str]) -> Result:
+        with self._lock:
+            return self._materialized_views()
 
     def _cmd_drop_materialized_view(self, text: str, found: re.Match[str]) -> Result:
         name = _unbracket(found.group(1))
         with self._lock:
             clause = "IF EXISTS " if found.group(2) else ""
             self._con.execute(f"DROP VIEW {clause}{quote_ident(name)}")
+            self._con.execute(
+                f"DELETE FROM {_META}.__kusto_materialized_views WHERE Name = ?", [name]
+            )
         return _result((("Name", "string"),), [[name]])
 
     # -- policies: accepted, recorded, not enforced ----------------------------
@@ -1455,11 +1546,25 @@ class LocalKustoRestServer(KustoRestServer):
 
     # -- ingestion -----------------------------------------------------------
 
-    def ingest(self, table: str, fmt: str, data: bytes, *, mapping_name: str | None = None) -> int:
-        """Insert every record of *data* into *table* in one transaction; returns the count.
+    def ingest(
+        self,
+        table: str,
+        fmt: str,
+        data: bytes,
+        *,
+        mapping_name: str | None = None,
+        tags: Sequence[str] = (),
+        if_not_exists: Sequence[str] = (),
+        ignore_first_record: bool = False,
+    ) -> Extent | None:
+        """Insert every record of *data* into *table* in one transaction, as one extent.
 
         All or nothing, because a Kusto ingestion operation commits atomically and the
-        saver relies on an event's rows never becoming visible piecemeal.
+        saver relies on an event's rows never becoming visible piecemeal. With
+        *if_not_exists* (Kusto's ``ingestIfNotExists``), nothing is ingested and None is
+        returned when the table already has an extent tagged ``ingest-by:<value>`` for one
+        of the values; the check and the insert share the transaction, so two deliveries
+        of one blob cannot both get in.
         """
         fmt = fmt.lower()
         try:
@@ -1470,7 +1575,7 @@ class LocalKustoRestServer(KustoRestServer):
             records: Sequence[Any] = _parse_json_records(text, fmt)
             kind = "json"
         elif fmt in _CSV_DELIMITERS:
-            records = _parse_csv_records(text, fmt)
+            records = _parse_csv_records(text, fmt)[1 if ignore_first_record else 0 :]
             kind = "csv"
         else:
             raise IngestError(
@@ -1524,18 +1629,73 @@ class LocalKustoRestServer(KustoRestServer):
                 ]
                 for record in records
             ]
+            extent = Extent(uuid.uuid4(), table, len(rows), tuple(tags), _utcnow())
             self._con.begin()
             try:
+                if self._tagged(table, if_not_exists):
+                    self._con.rollback()
+                    return None
                 _insert_rows(self._con, table, names, rows)
+                self._con.execute(
+                    f"INSERT INTO {_META}.__kusto_extents VALUES (?, ?, ?, ?, ?)",
+                    [
+                        str(extent.extent_id),
+                        table,
+                        extent.row_count,
+                        json.dumps(tags),
+                        extent.created,
+                    ],
+                )
                 self._con.commit()
             except Exception as exc:
                 self._con.rollback()
                 raise IngestError(f"ingestion into '{table}' failed: {exc}") from None
-        return len(rows)
+        return extent
+
+    def _tagged(self, table: str, values: Sequence[str]) -> bool:
+        """Whether an extent of *table* carries ``ingest-by:<value>`` for one of *values*."""
+        if not values:
+            return False
+        wanted = [f"ingest-by:{value}" for value in values]
+        row = self._con.execute(
+            f"SELECT count(*) FROM {_META}.__kusto_extents WHERE TableName = ? AND "
+            "list_has_any(CAST(json(Tags) AS VARCHAR[]), ?::VARCHAR[])",
+            [table, wanted],
+        ).fetchone()
+        return bool(row and row[0])
+
+    def _cmd_show_extents(self, text: str, found: re.Match[str]) -> Result:
+        """``.show table T extents``: one row per ingestion, with its tags."""
+        table = _unbracket(found.group(1))
+        with self._lock:
+            if not self._is_table(table):
+                raise CommandError(f"Table '{table}' was not found")
+            rows = self._con.execute(
+                f"SELECT ExtentId, TableName, RowCount, CreatedOn, Tags FROM "
+                f"{_META}.__kusto_extents WHERE TableName = ? ORDER BY CreatedOn, ExtentId",
+                [table],
+            ).fetchall()
+        return _result(
+            (
+                ("ExtentId", "guid"),
+                ("DatabaseName", "string"),
+                ("TableName", "string"),
+                ("RowCount", "long"),
+                ("MinCreatedOn", "datetime"),
+                ("MaxCreatedOn", "datetime"),
+                ("Tags", "string"),
+            ),
+            [
+                # Kusto lists an extent's tags in one string, one per line.
+                [uuid.UUID(str(e)), self.database, t, n, c, c, "\r\n".join(json.loads(tags))]
+                for e, t, n, c, tags in rows
+            ],
+        )
 
     def _cmd_ingest_inline(self, text: str, found: re.Match[str]) -> Result:
-        """``.ingest inline into table T [with (format=..., ingestionMappingReference=...)]
-        <| data`` — the same path as streaming ingest, for operators and tests."""
+        """``.ingest inline into table T [with (format=..., ingestionMappingReference=...,
+        tags=..., ingestIfNotExists=...)] <| data``: the same path as the other ingestions,
+        for operators and tests. A skipped ingestion (ingestIfNotExists) returns no row."""
         table = _unbracket(found.group(1))
         rest = text[found.end() :]
         props: dict[str, str] = {}
@@ -1552,15 +1712,25 @@ class LocalKustoRestServer(KustoRestServer):
         props = {k.lower(): v for k, v in props.items()}
         started = time.monotonic()
         try:
-            count = self.ingest(
+            extent = self.ingest(
                 table,
                 props.get("format", "csv"),
                 data.encode("utf-8"),
                 mapping_name=props.get("ingestionmappingreference"),
+                tags=_string_list(props.get("tags"), "tags"),
+                if_not_exists=_string_list(props.get("ingestifnotexists"), "ingestIfNotExists"),
+                ignore_first_record=props.get("ignorefirstrecord", "").lower() == "true",
             )
         except IngestError as exc:
             raise CommandError(f"{exc.code}: {exc}") from None
         elapsed = dt.timedelta(seconds=time.monotonic() - started)
+        rows = (
+            []
+            if extent is None
+            else [
+                [extent.extent_id, "inproc:inline", elapsed, False, uuid.uuid4(), extent.row_count]
+            ]
+        )
         return _result(
             (
                 ("ExtentId", "guid"),
@@ -1570,8 +1740,69 @@ class LocalKustoRestServer(KustoRestServer):
                 ("OperationId", "guid"),
                 ("RowCount", "long"),
             ),
-            [[uuid.uuid4(), "inproc:inline", elapsed, False, uuid.uuid4(), count]],
+            rows,
         )
+
+    # -- the data-management endpoint (queued ingestion) ------------------------
+
+    def _data_management(self) -> DataManagement:
+        if self.data_management is None:
+            raise CommandError(
+                "queued ingestion is off on this local server: it needs Azure Storage. Start "
+                "azurite (scripts/setup.d/30-azurite.sh installs it) and give the server its "
+                "connection string (LocalKustoServer(storage=...), or "
+                "enable_queued_ingestion()); streaming ingestion works without it"
+            )
+        return self.data_management
+
+    def _cmd_get_ingestion_resources(self, text: str, found: re.Match[str]) -> Result:
+        return self._data_management().ingestion_resources()
+
+    def _cmd_get_identity_token(self, text: str, found: re.Match[str]) -> Result:
+        return _result(
+            (("AuthorizationContext", "string"),), [[self._data_management().identity_token]]
+        )
+
+    def _cmd_show_ingestion_failures(self, text: str, found: re.Match[str]) -> Result:
+        with self._lock:
+            rows = self._con.execute(
+                f"SELECT OperationId, DatabaseName, TableName, FailedOn, IngestionSourcePath, "
+                f"IngestionSourceId, Details, ErrorCode FROM {_META}.__kusto_ingestion_failures "
+                "ORDER BY FailedOn"
+            ).fetchall()
+        return _result(
+            (
+                ("OperationId", "guid"),
+                ("Database", "string"),
+                ("Table", "string"),
+                ("FailedOn", "datetime"),
+                ("IngestionSourcePath", "string"),
+                ("IngestionSourceId", "guid"),
+                ("Details", "string"),
+                ("ErrorCode", "string"),
+                ("FailureKind", "string"),
+            ),
+            [
+                [uuid.UUID(r[0]), *r[1:5], _guid_or_none(r[5]), r[6], r[7], "Permanent"]
+                for r in rows
+            ],
+        )
+
+    def record_ingestion_failure(self, failure: IngestionFailure) -> None:
+        with self._lock:
+            self._con.execute(
+                f"INSERT INTO {_META}.__kusto_ingestion_failures VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    str(failure.operation_id),
+                    failure.database,
+                    failure.table,
+                    failure.failed_on,
+                    failure.source_path,
+                    failure.source_id,
+                    failure.details,
+                    failure.code,
+                ],
+            )
 
     # -- scripts -------------------------------------------------------------
 
@@ -1626,6 +1857,11 @@ class LocalKustoRestServer(KustoRestServer):
         (_SHOW_TABLE_SCHEMA, _cmd_show_table_schema, False),
         (_SHOW_MAPPINGS, _cmd_show_mappings, False),
         (_SHOW_POLICY, _cmd_show_policy, False),
+        (_SHOW_MATERIALIZED_VIEWS, _cmd_show_materialized_views, False),
+        (_SHOW_EXTENTS, _cmd_show_extents, False),
+        (_GET_INGESTION_RESOURCES, _cmd_get_ingestion_resources, False),
+        (_GET_IDENTITY_TOKEN, _cmd_get_identity_token, False),
+        (_SHOW_INGESTION_FAILURES, _cmd_show_ingestion_failures, False),
         (_MAPPING_CMD, _cmd_mapping, True),
         (_DROP_MAPPING, _cmd_drop_mapping, True),
         (_CREATE_TABLE, _cmd_create_table, True),
@@ -1719,6 +1955,19 @@ def _ensure_meta_schema(con: Any) -> None:
         f"CREATE TABLE IF NOT EXISTS {_META}.__kusto_tables "
         "(Name VARCHAR PRIMARY KEY, Folder VARCHAR, DocString VARCHAR)"
     )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {_META}.__kusto_materialized_views (Name VARCHAR "
+        "PRIMARY KEY, SourceTable VARCHAR, Query VARCHAR, Folder VARCHAR, DocString VARCHAR)"
+    )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {_META}.__kusto_extents (ExtentId VARCHAR PRIMARY KEY, "
+        "TableName VARCHAR, RowCount BIGINT, Tags VARCHAR, CreatedOn TIMESTAMP)"
+    )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {_META}.__kusto_ingestion_failures (OperationId VARCHAR, "
+        "DatabaseName VARCHAR, TableName VARCHAR, FailedOn TIMESTAMP, IngestionSourcePath "
+        "VARCHAR, IngestionSourceId VARCHAR, Details VARCHAR, ErrorCode VARCHAR)"
+    )
 
 
 def _load_functions(con: Any) -> dict[str, StoredFunction]:
@@ -1771,6 +2020,511 @@ def _open_database(data_dir: Path | None, database: str) -> tuple[Any, str]:
 
 
 # ---------------------------------------------------------------------------
+# Queued ingestion: the data-management endpoint, on Azure Storage (azurite)
+# ---------------------------------------------------------------------------
+
+#: Azure Storage objects the local data-management endpoint hands out, named as Kusto's are.
+_READY_QUEUE = "readyforaggregation-secured"
+_FAILED_QUEUE = "failedingestions"
+_SUCCEEDED_QUEUE = "successfulingestions"
+_TEMP_CONTAINER = "ingestdata-temp"
+_STATUS_TABLE = "ingestionsstatus"
+
+#: The SDK refreshes resources hourly; a SAS outliving that by far avoids edge cases.
+_SAS_LIFETIME = dt.timedelta(days=1)
+_POLL_INTERVAL = 0.1
+#: A message being ingested stays invisible this long; a crash mid-blob lets it reappear.
+_VISIBILITY_TIMEOUT = 120
+_TRANSIENT_RETRY_DELAY = 2
+_MAX_DEQUEUES = 5
+
+#: Kusto's ``ReportLevel`` and ``ReportMethod`` values (azure-kusto-ingest's enums).
+_REPORT_FAILURES, _REPORT_NOTHING, _REPORT_ALL = 0, 1, 2
+_REPORT_TO_QUEUES = frozenset({0, 2})
+
+
+class StorageAccount(NamedTuple):
+    """An Azure Storage account given by explicit endpoints (azurite's connection string)."""
+
+    name: str
+    key: str
+    blob_endpoint: str
+    queue_endpoint: str
+    table_endpoint: str
+
+    @classmethod
+    def parse(cls, connection_string: str) -> StorageAccount:
+        fields = {
+            key.strip().lower(): value.strip()
+            for key, _, value in (part.partition("=") for part in connection_string.split(";"))
+            if key.strip()
+        }
+        missing = [
+            name
+            for name in ("AccountName", "AccountKey", "BlobEndpoint", "QueueEndpoint")
+            if not fields.get(name.lower())
+        ]
+        if missing:
+            raise ValueError(
+                f"the storage connection string lacks {', '.join(missing)}; give one with "
+                "explicit endpoints, such as Azurite.connection_string"
+            )
+        return cls(
+            fields["accountname"],
+            fields["accountkey"],
+            fields["blobendpoint"].rstrip("/"),
+            fields["queueendpoint"].rstrip("/"),
+            fields.get("tableendpoint", "").rstrip("/"),
+        )
+
+    @property
+    def connection_string(self) -> str:
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={self.name};AccountKey={self.key};"
+            f"BlobEndpoint={self.blob_endpoint};QueueEndpoint={self.queue_endpoint};"
+            + (f"TableEndpoint={self.table_endpoint};" if self.table_endpoint else "")
+        )
+
+
+class IngestionFailure(NamedTuple):
+    """A queued blob Kusto gave up on: what ``.show ingestion failures`` lists."""
+
+    operation_id: uuid.UUID
+    database: str
+    table: str
+    failed_on: dt.datetime
+    source_path: str
+    source_id: str | None
+    details: str
+    code: str
+
+
+class _Retry(Exception):
+    """A queued blob that may ingest later (storage unreachable): leave its message."""
+
+
+class DataManagement:
+    """Kusto's data-management ("ingest-") side, for the local server.
+
+    ``QueuedIngestClient`` asks it for ingestion resources (a blob container and a queue,
+    with SAS tokens) and an identity token, uploads a blob, and enqueues a message naming
+    it. A background thread here plays the data-management service: it reads those
+    messages, downloads each blob and ingests it in one transaction (one extent), honouring
+    ``tags`` and ``ingestIfNotExists``, then reports the outcome to the status queues
+    the way the message's ``ReportLevel`` asks. Kusto batches queued blobs for up to the
+    table's batching time (10 s at least); this ingests each blob as it arrives, so tests
+    wait for the pipeline rather than for a timer.
+    """
+
+    def __init__(self, server: LocalKustoRestServer, storage: StorageAccount) -> None:
+        from azure.storage.blob import BlobServiceClient
+        from azure.storage.queue import (
+            QueueServiceClient,
+            TextBase64DecodePolicy,
+            TextBase64EncodePolicy,
+        )
+
+        self._server = server
+        self.storage = storage
+        #: Kusto hands this out for queued messages to carry; a message without it is refused.
+        self.identity_token = uuid.uuid4().hex
+        blobs = BlobServiceClient.from_connection_string(storage.connection_string)
+        queues = QueueServiceClient.from_connection_string(storage.connection_string)
+        _create_if_missing(lambda: blobs.create_container(_TEMP_CONTAINER))
+        for name in (_READY_QUEUE, _FAILED_QUEUE, _SUCCEEDED_QUEUE):
+            _create_if_missing(functools.partial(queues.create_queue, name))
+        # The SDK base64-encodes queue messages (TextBase64EncodePolicy); so does Kusto.
+        self._ready = queues.get_queue_client(
+            _READY_QUEUE, message_decode_policy=TextBase64DecodePolicy()
+        )
+        self._status = {
+            name: queues.get_queue_client(name, message_encode_policy=TextBase64EncodePolicy())
+            for name in (_FAILED_QUEUE, _SUCCEEDED_QUEUE)
+        }
+        self._stop = threading.Event()
+        self._busy = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- what the SDK asks for ---------------------------------------------------
+
+    def ingestion_resources(self) -> Result:
+        from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+        from azure.storage.queue import QueueSasPermissions, generate_queue_sas
+
+        expiry = dt.datetime.now(dt.UTC) + _SAS_LIFETIME
+        container_sas = generate_container_sas(
+            self.storage.name,
+            _TEMP_CONTAINER,
+            account_key=self.storage.key,
+            permission=ContainerSasPermissions(read=True, add=True, create=True, write=True),
+            expiry=expiry,
+        )
+
+        def queue(name: str, permission: QueueSasPermissions) -> str:
+            token = generate_queue_sas(
+                self.storage.name,
+                name,
+                account_key=self.storage.key,
+                permission=permission,
+                expiry=expiry,
+            )
+            return f"{self.storage.queue_endpoint}/{name}?{token}"
+
+        status = QueueSasPermissions(read=True, process=True)
+        rows = [
+            ["TempStorage", f"{self.storage.blob_endpoint}/{_TEMP_CONTAINER}?{container_sas}"],
+            ["SecuredReadyForAggregationQueue", queue(_READY_QUEUE, QueueSasPermissions(add=True))],
+            ["FailedIngestionsQueue", queue(_FAILED_QUEUE, status)],
+            ["SuccessfulIngestionsQueue", queue(_SUCCEEDED_QUEUE, status)],
+            # The Python SDK insists on a status table but never uses it (it reports to
+            # queues only), so the local endpoint names one and creates nothing.
+            [
+                "IngestionsStatusTable",
+                f"{self.storage.table_endpoint or self.storage.queue_endpoint}/{_STATUS_TABLE}",
+            ],
+        ]
+        return _result((("ResourceTypeName", "string"), ("StorageRoot", "string")), rows)
+
+    # -- the background service ---------------------------------------------------
+
+    def start(self) -> DataManagement:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="local-kusto:data-management", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def idle(self) -> bool:
+        """No queued blob waiting or being ingested."""
+        if self._busy.is_set():
+            return False
+        return not self._ready.get_queue_properties().approximate_message_count
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._busy.set()  # from before the receive, so a message in hand is never missed
+            try:
+                handled = self._poll()
+            except Exception as exc:  # storage gone or flaky: keep serving, try again
+                if not self._server.quiet:
+                    print(f"local kusto: queued ingestion: {exc}", file=sys.stderr, flush=True)
+                handled = 0
+            finally:
+                self._busy.clear()
+            if not handled:
+                self._stop.wait(_POLL_INTERVAL)
+
+    def _poll(self) -> int:
+        messages = list(
+            self._ready.receive_messages(
+                messages_per_page=32, max_messages=32, visibility_timeout=_VISIBILITY_TIMEOUT
+            )
+        )
+        for message in messages:
+            self._handle(message)
+        return len(messages)
+
+    def _handle(self, message: Any) -> None:
+        """Ingest one queued blob, report the outcome, and take its message off the queue
+        (or leave it for a retry when storage could not be reached)."""
+        request: dict[str, Any] = {}
+        try:
+            request = _ingestion_request(message.content)
+            self._ingest(request)
+        except _Retry:
+            if message.dequeue_count < _MAX_DEQUEUES:
+                self._ready.update_message(message, visibility_timeout=_TRANSIENT_RETRY_DELAY)
+                return
+            self._fail(request, "the blob could not be read after retries", "Download_Failed")
+        except IngestError as exc:
+            self._fail(request, str(exc), exc.code)
+        except Exception as exc:  # the engine refused the rows
+            self._fail(request, f"{type(exc).__name__}: {exc}", "BadRequest_InvalidBlob")
+        else:
+            # A blob skipped by ingestIfNotExists was handled as asked: not a failure.
+            if (
+                request["report_level"] == _REPORT_ALL
+                and request["report_method"] in _REPORT_TO_QUEUES
+            ):
+                self._report(_SUCCEEDED_QUEUE, request, SucceededOn=_iso_now())
+        self._ready.delete_message(message)
+
+    def _ingest(self, request: Mapping[str, Any]) -> None:
+        properties = request["properties"]
+        if properties.get("authorizationContext") != self.identity_token:
+            raise IngestError(
+                "the message's authorizationContext is not a token this endpoint issued "
+                "(.get kusto identity token)",
+                code="Unauthorized",
+            )
+        if request["database"] != self._server.database:
+            raise IngestError(
+                f"Database '{request['database']}' was not found: this local server serves "
+                f"{self._server.database!r}",
+                code="BadRequest_EntityNotFound",
+            )
+        self._server.ingest(
+            request["table"],
+            str(properties.get("format") or "csv"),
+            _decode_body(self._download(request["blob"]), None),
+            mapping_name=properties.get("ingestionMappingReference"),
+            tags=_string_list(properties.get("tags"), "tags"),
+            if_not_exists=_string_list(properties.get("ingestIfNotExists"), "ingestIfNotExists"),
+            ignore_first_record=str(properties.get("ignoreFirstRecord")).lower() == "true",
+        )
+
+    def _download(self, url: str) -> bytes:
+        from azure.core.exceptions import (
+            ClientAuthenticationError,
+            HttpResponseError,
+            ResourceNotFoundError,
+        )
+        from azure.storage.blob import BlobClient
+
+        try:
+            with BlobClient.from_blob_url(url) as blob:
+                return bytes(blob.download_blob().readall())
+        except ResourceNotFoundError:
+            raise IngestError(
+                f"blob {_without_sas(url)} was not found", code="Download_SourceNotFound"
+            ) from None
+        except ClientAuthenticationError:
+            raise IngestError(
+                f"blob {_without_sas(url)}: access denied", code="Download_Forbidden"
+            ) from None
+        except HttpResponseError as exc:
+            if exc.status_code is not None and 400 <= exc.status_code < 500:
+                raise IngestError(
+                    f"blob {_without_sas(url)}: {exc.message}", code="Download_BadRequest"
+                ) from None
+            raise _Retry(str(exc)) from exc
+        except Exception as exc:  # connection refused, timeouts: storage may come back
+            raise _Retry(str(exc)) from exc
+
+    def _fail(self, request: Mapping[str, Any], details: str, code: str) -> None:
+        failure = IngestionFailure(
+            uuid.uuid4(),
+            str(request.get("database", "")),
+            str(request.get("table", "")),
+            _utcnow(),
+            _without_sas(str(request.get("blob", ""))),
+            request.get("id"),
+            details,
+            code,
+        )
+        self._server.record_ingestion_failure(failure)
+        if (
+            request.get("report_level", _REPORT_FAILURES) != _REPORT_NOTHING
+            and request.get("report_method", 0) in _REPORT_TO_QUEUES
+        ):
+            self._report(
+                _FAILED_QUEUE,
+                request,
+                OperationId=str(failure.operation_id),
+                FailedOn=_iso_now(),
+                Details=details,
+                ErrorCode=code,
+                FailureStatus="Permanent",
+                OriginatesFromUpdatePolicy=False,
+                ShouldRetry=False,
+            )
+
+    def _report(self, queue: str, request: Mapping[str, Any], **fields: Any) -> None:
+        status = {
+            "OperationId": str(uuid.uuid4()),
+            "Database": request.get("database"),
+            "Table": request.get("table"),
+            "IngestionSourceId": request.get("id"),
+            "IngestionSourcePath": _without_sas(str(request.get("blob", ""))),
+            "RootActivityId": str(uuid.uuid4()),
+            **fields,
+        }
+        self._status[queue].send_message(json.dumps(status))
+
+
+def _ingestion_request(content: str) -> dict[str, Any]:
+    """The fields of a queued-ingestion message (azure-kusto-ingest's IngestionBlobInfo)."""
+    try:
+        message = json.loads(content)
+    except (TypeError, ValueError):
+        raise IngestError(
+            "the queued message is not JSON", code="BadRequest_InvalidMessage"
+        ) from None
+    if not isinstance(message, dict) or not all(
+        isinstance(message.get(k), str) for k in ("BlobPath", "DatabaseName", "TableName")
+    ):
+        raise IngestError(
+            "the queued message lacks BlobPath, DatabaseName or TableName",
+            code="BadRequest_InvalidMessage",
+        )
+    properties = message.get("AdditionalProperties") or {}
+    if properties.get("ingestionMapping"):
+        raise IngestError(
+            "inline ingestion mappings are not supported by the local server; create the "
+            "mapping and use ingestionMappingReference",
+            code="BadRequest_NotSupported",
+        )
+    return {
+        "blob": message["BlobPath"],
+        "database": message["DatabaseName"],
+        "table": message["TableName"],
+        "id": message.get("Id"),
+        "report_level": int(message.get("ReportLevel", _REPORT_FAILURES)),
+        "report_method": int(message.get("ReportMethod", 0)),
+        "properties": properties,
+    }
+
+
+def _create_if_missing(create: Callable[[], Any]) -> None:
+    from azure.core.exceptions import ResourceExistsError
+
+    with contextlib.suppress(ResourceExistsError):
+        create()
+
+
+def _without_sas(url: str) -> str:
+    """A storage URL fit for logs and status messages: its token stripped."""
+    return url.split("?", 1)[0]
+
+
+def _iso_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat()
+
+
+def _guid_or_none(text: str | None) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(text) if text else None
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# azurite, the Azure Storage emulator (npm), for queued ingestion locally
+# ---------------------------------------------------------------------------
+
+#: azurite's built-in account: a published development key, not a secret.
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+AZURITE_SETUP = "scripts/setup.d/30-azurite.sh"
+_AZURITE_LISTENING = re.compile(
+    r"Azurite (Blob|Queue|Table) service is successfully listening at \S+:(\d+)"
+)
+
+
+class Azurite:
+    """A running azurite on loopback ports of its choosing, in memory; ``close()`` it."""
+
+    def __init__(self, process: subprocess.Popen[str], ports: Mapping[str, int]) -> None:
+        self._process = process
+        self.ports = dict(ports)
+
+    @property
+    def storage(self) -> StorageAccount:
+        def endpoint(service: str) -> str:
+            # Path-style URLs (account in the path): what azurite serves on an IP host.
+            return f"http://{_LOOPBACK_HOST}:{self.ports[service]}/{AZURITE_ACCOUNT}"
+
+        return StorageAccount(
+            AZURITE_ACCOUNT, AZURITE_KEY, endpoint("Blob"), endpoint("Queue"), endpoint("Table")
+        )
+
+    @property
+    def connection_string(self) -> str:
+        return self.storage.connection_string
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(timeout=10)
+
+    def __enter__(self) -> Azurite:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def find_azurite() -> str:
+    """The azurite executable: ``$AZURITE``, this checkout's node_modules, or PATH."""
+    candidates = [
+        os.environ.get("AZURITE", ""),
+        str(Path(__file__).resolve().parents[1] / "node_modules" / ".bin" / "azurite"),
+        shutil.which("azurite") or "",
+    ]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(
+        f"azurite (the Azure Storage emulator, npm) was not found: run `bash {AZURITE_SETUP}` "
+        "from the repository root (scripts/test does), or set AZURITE to its executable"
+    )
+
+
+def start_azurite(executable: str | None = None, *, timeout: float = 60.0) -> Azurite:
+    """Start azurite in memory on free loopback ports; returns once all three services listen."""
+    command = [
+        executable or find_azurite(),
+        *(
+            "--blobHost",
+            _LOOPBACK_HOST,
+            "--queueHost",
+            _LOOPBACK_HOST,
+            "--tableHost",
+            _LOOPBACK_HOST,
+        ),
+        *("--blobPort", "0", "--queuePort", "0", "--tablePort", "0"),
+        "--inMemoryPersistence",
+        "--disableTelemetry",
+        "--skipApiVersionCheck",
+        "--silent",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,  # a Ctrl-C in the terminal is the caller's to handle
+    )
+    ports: dict[str, int] = {}
+    seen: list[str] = []
+    ready = threading.Event()
+
+    def read_output() -> None:
+        # Reads to the end, so the pipe never fills and stalls azurite.
+        assert process.stdout is not None
+        for line in process.stdout:
+            if len(seen) < 50:
+                seen.append(line.rstrip())
+            found = _AZURITE_LISTENING.search(line)
+            if found:
+                ports[found.group(1)] = int(found.group(2))
+                if len(ports) == 3:
+                    ready.set()
+        ready.set()
+
+    threading.Thread(target=read_output, name="azurite-output", daemon=True).start()
+    if not ready.wait(timeout) or len(ports) < 3:
+        process.kill()
+        process.wait(timeout=10)
+        output = "\n".join(seen[-20:])
+        raise RuntimeError(f"azurite did not start within {timeout:g}s:\n{output}")
+    return Azurite(process, ports)
+
+
+# ---------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------
 
@@ -1802,7 +2556,10 @@ class LocalKustoServer:
         *,
         quiet: bool = True,
         max_streaming_bytes: int = MAX_STREAMING_REQUEST_BYTES,
+        storage: str | None = None,
     ) -> None:
+        """*storage*: an Azure Storage connection string with explicit endpoints (azurite's,
+        see :func:`start_azurite`); with it the server also takes queued ingestion."""
         self.data_dir = Path(data_dir) if data_dir is not None else None
         con, source = _open_database(self.data_dir, database)
         try:
@@ -1820,6 +2577,8 @@ class LocalKustoServer:
         self._thread: threading.Thread | None = None
         self._closed = False
         _OPEN_SERVERS.add(self)
+        if storage is not None:
+            self.enable_queued_ingestion(storage)
 
     @property
     def url(self) -> str:
@@ -1838,6 +2597,38 @@ class LocalKustoServer:
     def rest_server(self) -> LocalKustoRestServer:
         """The underlying HTTP server (for tests and in-process tooling)."""
         return self._server
+
+    def enable_queued_ingestion(self, storage: str) -> None:
+        """Serve the data-management endpoint on *storage* (a connection string with
+        explicit endpoints) and ingest what ``QueuedIngestClient`` queues there."""
+        self.disable_queued_ingestion()
+        self._server.data_management = DataManagement(
+            self._server, StorageAccount.parse(storage)
+        ).start()
+
+    def disable_queued_ingestion(self) -> None:
+        """Stop taking queued ingestion; blobs still queued stay in storage."""
+        management, self._server.data_management = self._server.data_management, None
+        if management is not None:
+            management.close()
+
+    def wait_for_queued_ingestion(self, timeout: float = 60.0) -> None:
+        """Block until every queued blob has been ingested or failed.
+
+        Kusto offers no such call (its clients poll the status queues or the table); for
+        tests and benchmarks that must know queued work is done, including work that
+        changed nothing (a batch skipped by ``ingestIfNotExists``).
+        """
+        management = self._server.data_management
+        if management is None:
+            raise RuntimeError("queued ingestion is off: call enable_queued_ingestion() first")
+        deadline = time.monotonic() + timeout
+        # Storage counts a message until it is deleted, invisible or not, and the service
+        # is busy from before it receives one: idle means nothing is left to do.
+        while not management.idle():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"queued ingestion still busy after {timeout:g}s")
+            time.sleep(_POLL_INTERVAL)
 
     def start(self) -> LocalKustoServer:
         """Serve from a background daemon thread; returns self."""
@@ -1861,6 +2652,7 @@ class LocalKustoServer:
             return
         self._closed = True
         _OPEN_SERVERS.discard(self)
+        self.disable_queued_ingestion()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(timeout=10)
@@ -1898,13 +2690,15 @@ def serve_local_kusto(
     database: str = DEFAULT_DATABASE,
     *,
     quiet: bool = True,
+    storage: str | None = None,
 ) -> None:
     """Serve in the foreground until SIGINT/SIGTERM (``langgraph-kusto local-kusto``).
 
     Stdout gets exactly one line, the URL, as soon as the socket accepts connections, so
-    a script can ``read`` it; everything else goes to stderr.
+    a script can ``read`` it; everything else goes to stderr. With *storage* (a connection
+    string, e.g. azurite's) it also takes queued ingestion.
     """
-    server = LocalKustoServer(data_dir, port, database, quiet=quiet)
+    server = LocalKustoServer(data_dir, port, database, quiet=quiet, storage=storage)
     stop = threading.Event()
 
     def request_stop(signum: int, frame: Any) -> None:

@@ -7,11 +7,14 @@ the whole value of the local server is that production code runs against it unch
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import gzip
 import io
+import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,10 +34,22 @@ from azure.kusto.ingest import (
     KustoStreamingIngestClient,
     ManagedStreamingIngestClient,
 )
+from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor
+from langgraph.checkpoint.kusto.kusto import AsyncKustoQueries, KustoQueries
 from langgraph.checkpoint.kusto.local.kusto_server import (
     LocalKustoServer,
     start_local_kusto,
 )
+from langgraph.checkpoint.kusto.queries import (
+    Query,
+    channel_history,
+    ingested_events,
+    select_checkpoints,
+)
+from langgraph.checkpoint.kusto.schema import provision_commands
+from langgraph.checkpoint.kusto.shared.envelope import Blob, Event, EventKind, Write
+from langgraph.checkpoint.kusto.shared.ids import EventIds
+from langgraph.checkpoint.kusto.shared.rows import TABLE, event_rows
 
 DB = "langgraph"
 
@@ -685,3 +700,430 @@ def test_serve_local_kusto_prints_its_url_and_stops_on_sigterm(tmp_path: Path) -
             proc.wait()
     assert proc.stdout.read() == ""  # one line on stdout, nothing else
     assert (tmp_path / "langgraph.duckdb").exists()
+
+
+# ---------------------------------------------------------------------------
+# Extents: ingest-by tags and ingestIfNotExists
+# ---------------------------------------------------------------------------
+
+
+def test_ingest_if_not_exists_skips_a_tagged_batch_in_the_same_transaction(
+    client: KustoClient,
+) -> None:
+    mgmt(client, ".create table T (a:string, b:long)")
+    tagged = (
+        ".ingest inline into table T with (tags='[\"ingest-by:batch-1\"]', "
+        "ingestIfNotExists='[\"batch-1\"]') <|\n"
+    )
+    [first] = mgmt(client, tagged + "x,1\ny,2")
+    assert first["RowCount"] == 2
+    assert mgmt(client, tagged + "x,1\ny,2") == []  # skipped: the tag exists
+    mgmt(client, ".ingest inline into table T <|\nz,3")  # untagged: always ingested
+    extents = mgmt(client, ".show table T extents")
+    assert [(e["RowCount"], e["Tags"]) for e in extents] == [(2, "ingest-by:batch-1"), (1, "")]
+    assert extents[0]["ExtentId"] == first["ExtentId"]
+    assert query(client, "T | count") == [{"Count": 3}]
+
+    # Tags go with the data: after a clear, the same batch is new again.
+    mgmt(client, ".clear table T data")
+    assert mgmt(client, ".show table T extents") == []
+    assert mgmt(client, tagged + "x,1")[0]["RowCount"] == 1
+
+
+def test_data_management_commands_need_storage(client: KustoClient) -> None:
+    """Without azurite the data-management endpoint refuses, naming the fix; the SDK sends
+    these to the database "NetDefaultDB", which must reach this refusal, not a 404."""
+    for command in (".get ingestion resources", ".get kusto identity token"):
+        with pytest.raises(KustoApiError) as refused:
+            client.execute_mgmt("NetDefaultDB", command)
+        assert "scripts/setup.d/30-azurite.sh" in api_error(refused).description
+
+
+# ---------------------------------------------------------------------------
+# provision.kql on the local server: accepted whole, idempotent
+# ---------------------------------------------------------------------------
+
+_POLICY_TARGET = re.compile(
+    r"^\.alter(?:-merge)?\s+(table|column|materialized-view)\s+(\S+)\s+policy\s+(\w+)"
+)
+
+
+def schema_snapshot(client: KustoClient) -> dict[str, Any]:
+    """Everything provision.kql declares, as the server reports it."""
+    policies = {}
+    for command in provision_commands():
+        target = _POLICY_TARGET.match(command)
+        if target:
+            kind, entity, policy = target.groups()
+            shown = mgmt(client, f".show {kind} {entity} policy {policy}")
+            policies[(kind, entity, policy)] = shown[0]["Policy"]
+    return {
+        "tables": mgmt(client, ".show tables"),
+        "schema": mgmt(client, f".show table {TABLE} cslschema"),
+        "functions": mgmt(client, ".show functions"),
+        "views": mgmt(client, ".show materialized-views"),
+        "mappings": [
+            {k: v for k, v in m.items() if k != "LastUpdatedOn"}
+            for m in mgmt(client, f".show table {TABLE} ingestion json mappings")
+        ],
+        "policies": policies,
+    }
+
+
+def test_provision_kql_applies_twice_without_changing_anything(client: KustoClient) -> None:
+    for command in provision_commands():
+        mgmt(client, command)
+    first = schema_snapshot(client)
+    assert [f["Name"] for f in first["functions"]] == sorted(
+        ["Checkpoints", "PendingWrites", "ChannelValues", "LatestCheckpoints"]
+    )
+    assert [v["Name"] for v in first["views"]] == ["LatestCheckpoint"]
+    assert all(policy != "null" for policy in first["policies"].values()), first["policies"]
+    mgmt(
+        client,
+        f".ingest inline into table {TABLE} with (format='multijson') <|\n"
+        + json.dumps({"RowId": "r", "RowKind": "delete_thread", "ThreadId": "t"}),
+    )
+
+    for command in provision_commands():
+        mgmt(client, command)
+    assert schema_snapshot(client) == first
+    assert query(client, f"{TABLE} | count") == [{"Count": 1}]  # data untouched
+
+    # The way infra/ applies it: one database script, every command completed.
+    script = ".execute database script <|\n" + "\n\n".join(provision_commands())
+    assert {r["Result"] for r in mgmt(client, script)} == {"Completed"}
+    assert schema_snapshot(client) == first
+
+
+# ---------------------------------------------------------------------------
+# Every query the saver sends, through the real clients (sync and aio), on known rows
+# ---------------------------------------------------------------------------
+
+_SEQ = itertools.count(1_000)
+PUBLISHER, OTHER_PUBLISHER = EventIds(), EventIds()
+_BIG = os.urandom(600 * 1024)  # two chunks of ROW_CHUNK_BYTES
+HOSTILE = {"q": "x'\"|;// \n ünï"}
+
+
+def _put(
+    thread: str,
+    checkpoint: str,
+    parent: str = "",
+    *,
+    ns: str = "",
+    versions: dict[str, str] | None = None,
+    blobs: tuple[tuple[str, str, bytes], ...] = (),
+    metadata: dict[str, Any] | None = None,
+    publisher: EventIds = PUBLISHER,
+) -> Event:
+    return Event(
+        kind=EventKind.PUT,
+        event_id=publisher.next(),
+        seq=next(_SEQ),
+        published_at=1_700_000_000.0,
+        thread_id=thread,
+        checkpoint_ns=ns,
+        checkpoint_id=checkpoint,
+        parent_checkpoint_id=parent,
+        checkpoint_type="msgpack",
+        checkpoint_data=f"checkpoint {checkpoint}".encode(),
+        channel_versions=versions or {},
+        metadata=metadata or {},
+        blobs=tuple(Blob(channel, version, "bytes", data) for channel, version, data in blobs),
+    )
+
+
+def _event(kind: EventKind, thread: str, **fields: Any) -> Event:
+    return Event(
+        kind=kind,
+        event_id=PUBLISHER.next(),
+        seq=next(_SEQ),
+        published_at=1_700_000_000.0,
+        thread_id=thread,
+        **fields,
+    )
+
+
+class Known:
+    """Events whose rows the saver's queries must find, or must not."""
+
+    def __init__(self) -> None:
+        self.c1 = _put(
+            "t1",
+            "cp-1",
+            versions={"a": "1"},
+            blobs=(("a", "1", b"A1"),),
+            metadata={"source": "input", "step": -1},
+        )
+        self.c2 = _put(
+            "t1",
+            "cp-2",
+            "cp-1",
+            versions={"a": "2", "b": "1"},
+            blobs=(("a", "2", _BIG), ("b", "1", b"B1")),
+            metadata={"source": "loop", "step": 0},
+        )
+        self.w2 = _event(
+            EventKind.PUT_WRITES,
+            "t1",
+            checkpoint_id="cp-2",
+            writes=(
+                Write("task-1", "", 0, "a", "bytes", b"W0"),
+                Write("task-1", "", 1, "b", "bytes", b"W1"),
+            ),
+        )
+        self.c3 = _put(
+            "t1",
+            "cp-3",
+            "cp-2",
+            versions={"a": "3", "b": "1"},
+            blobs=(("a", "3", b"A3"),),
+            metadata={"source": "loop", "step": 1, "nested": HOSTILE},
+        )
+        self.e1 = _put("t1", "cp-9", ns="child")
+        # t2: deleted, then written again: only the later put is visible.
+        self.d1 = _put("t2", "cp-1")
+        self.d_delete = _event(EventKind.DELETE_THREAD, "t2")
+        self.d2 = _put("t2", "cp-2")
+        # t3: one run deleted.
+        self.r1 = _put("t3", "cp-1", metadata={"run_id": "run-x"})
+        self.r2 = _put("t3", "cp-2", "cp-1", metadata={"run_id": "run-y"})
+        self.r_delete = _event(EventKind.DELETE_RUNS, "t3", run_ids=("run-x",))
+        # t4: pruned to its latest checkpoint.
+        self.p1, self.p2, self.p3 = (_put("t4", f"cp-{i}") for i in (1, 2, 3))
+        self.p_prune = _event(EventKind.PRUNE, "t4", kept=(("", "cp-3"),))
+        # t5: deleted for good.
+        self.f1 = _put("t5", "cp-1")
+        self.f_delete = _event(EventKind.DELETE_THREAD, "t5")
+        # Another saver process's write.
+        self.o1 = _put("t6", "cp-1", publisher=OTHER_PUBLISHER)
+
+    def events(self) -> list[Event]:
+        return [value for value in vars(self).values() if isinstance(value, Event)]
+
+    @staticmethod
+    def rows(event: Event, **match: Any) -> dict[str, str]:
+        """RowId -> Payload of the event's rows whose columns equal ``match``."""
+        return {
+            row["RowId"]: row.get("Payload", "")
+            for row in event_rows(event)
+            if all(row.get(k) == v for k, v in match.items())
+        }
+
+    def checkpoint(self, event: Event) -> dict[str, str]:
+        return self.rows(event, RowKind="checkpoint")
+
+    def blob(self, event: Event, channel: str, version: str) -> dict[str, str]:
+        return self.rows(event, RowKind="blob", Channel=channel, Version=version)
+
+
+@pytest.fixture(scope="module")
+def known() -> Iterator[tuple[LocalKustoServer, Known]]:
+    """A provisioned server holding the known events, each ingested as the worker does
+    (one streaming operation per event), ``c2`` twice (a redelivery)."""
+    data = Known()
+    with start_local_kusto(None) as srv:
+        kusto = KustoClient(KustoConnectionStringBuilder.with_no_authentication(srv.url))
+        for command in provision_commands():
+            kusto.execute_mgmt(DB, command)
+        kusto.close()
+        ingestor = KustoIngestor(srv.url, DB)
+        for event in [*data.events(), data.c2]:
+            ingestor.ingest(event_rows(event))
+        ingestor.close()
+        yield srv, data
+
+
+def saver_queries(known: Known) -> dict[str, tuple[Query, dict[str, str]]]:
+    """Each builder's query, with the rows (RowId -> Payload) it must return."""
+    k = known
+    latest = {**k.checkpoint(k.c3), **k.blob(k.c3, "a", "3"), **k.blob(k.c2, "b", "1")}
+    second = {
+        **k.checkpoint(k.c2),
+        **k.blob(k.c2, "a", "2"),
+        **k.blob(k.c2, "b", "1"),
+        **k.rows(k.w2),
+    }
+    first = {**k.checkpoint(k.c1), **k.blob(k.c1, "a", "1")}
+    skeleton = {row_id: "" for e in (k.c1, k.c2, k.c3) for row_id in k.checkpoint(e)}
+    channel_a = {
+        **k.blob(k.c1, "a", "1"),
+        **k.blob(k.c2, "a", "2"),
+        **k.blob(k.c3, "a", "3"),
+        **k.rows(k.w2, Channel="a"),
+    }
+    return {
+        "get_tuple latest": (select_checkpoints(thread_id="t1", checkpoint_ns="", limit=1), latest),
+        "get_tuple by id": (
+            select_checkpoints(thread_id="t1", checkpoint_ns="", checkpoint_id="cp-2", limit=1),
+            second,
+        ),
+        "list before": (
+            select_checkpoints(thread_id="t1", checkpoint_ns="", before_id="cp-3"),
+            {**second, **first},
+        ),
+        "list before, limit": (
+            select_checkpoints(thread_id="t1", checkpoint_ns="", before_id="cp-3", limit=1),
+            second,
+        ),
+        "list filter": (
+            select_checkpoints(
+                thread_id="t1", checkpoint_ns="", metadata_filter={"source": "loop"}
+            ),
+            {**latest, **second},
+        ),
+        "list hostile filter": (
+            select_checkpoints(
+                thread_id="t1", checkpoint_ns="", metadata_filter={"step": 1, "nested": HOSTILE}
+            ),
+            latest,
+        ),
+        "list no match": (
+            select_checkpoints(thread_id="t1", checkpoint_ns="", metadata_filter={"nested": {}}),
+            {},
+        ),
+        "thread deleted then written": (
+            select_checkpoints(thread_id="t2", checkpoint_ns=""),
+            k.checkpoint(k.d2),
+        ),
+        "run deleted": (select_checkpoints(thread_id="t3", checkpoint_ns=""), k.checkpoint(k.r2)),
+        "pruned": (select_checkpoints(thread_id="t4", checkpoint_ns=""), k.checkpoint(k.p3)),
+        "deleted thread": (select_checkpoints(thread_id="t5", checkpoint_ns=""), {}),
+        "all namespaces": (
+            select_checkpoints(thread_id="t1", checkpoint_ns=None, limit=2),
+            {**latest, **k.checkpoint(k.e1)},
+        ),
+        "all threads": (
+            select_checkpoints(thread_id=None, checkpoint_ns=None),
+            {
+                **latest,
+                **second,
+                **first,
+                **{
+                    row_id: payload
+                    for event in (k.e1, k.d2, k.r2, k.p3, k.o1)
+                    for row_id, payload in k.checkpoint(event).items()
+                },
+            },
+        ),
+        "all threads, before": (
+            select_checkpoints(thread_id=None, checkpoint_ns=None, before_id="cp-2"),
+            {**first, **k.checkpoint(k.o1)},
+        ),
+        "channel history": (channel_history("t1", "", ["a"]), {**skeleton, **channel_a}),
+    }
+
+
+SAVER_QUERY_NAMES = sorted(saver_queries(Known()))
+
+
+def payloads(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """RowId -> Payload, refusing duplicates (the queries must drop redelivered copies)."""
+    ids = [row["RowId"] for row in rows]
+    assert len(ids) == len(set(ids)), f"duplicate rows: {sorted(ids)}"
+    return {row["RowId"]: row["Payload"] for row in rows}
+
+
+@pytest.mark.parametrize("name", SAVER_QUERY_NAMES)
+def test_saver_queries_return_the_right_rows_through_the_sync_and_aio_clients(
+    known: tuple[LocalKustoServer, Known], name: str
+) -> None:
+    srv, data = known
+    query_, expected = saver_queries(data)[name]
+    sync = KustoQueries(srv.url, DB)
+    try:
+        assert payloads(sync.run(query_)) == expected
+    finally:
+        sync.close()
+
+    async def run_aio() -> list[dict[str, Any]]:
+        aio = AsyncKustoQueries(srv.url, DB)
+        try:
+            return await aio.run(query_)
+        finally:
+            await aio.close()
+
+    assert payloads(asyncio.run(run_aio())) == expected
+
+
+def test_ingested_events_query_through_the_sync_and_aio_clients(
+    known: tuple[LocalKustoServer, Known],
+) -> None:
+    """The strong-consistency / cache-confirmation query: this publisher's events from a
+    sequence number on, nobody else's."""
+    srv, k = known
+    query_ = ingested_events(PUBLISHER.prefix, k.c3.seq)
+    expected = sorted(e.event_id for e in k.events() if e.seq >= k.c3.seq and e is not k.o1)
+    sync = KustoQueries(srv.url, DB)
+    try:
+        assert sorted(row["EventId"] for row in sync.run(query_)) == expected
+    finally:
+        sync.close()
+
+    async def run_aio() -> list[dict[str, Any]]:
+        aio = AsyncKustoQueries(srv.url, DB)
+        try:
+            return await aio.run(query_)
+        finally:
+            await aio.close()
+
+    assert sorted(row["EventId"] for row in asyncio.run(run_aio())) == expected
+
+
+def test_provisioned_functions_are_typed_views_of_the_same_rules(
+    known: tuple[LocalKustoServer, Known],
+) -> None:
+    """The stored functions agree with the saver's queries on visibility and duplicates."""
+    srv, k = known
+    kusto = KustoClient(KustoConnectionStringBuilder.with_no_authentication(srv.url))
+    try:
+
+        def rows(text: str) -> list[dict[str, Any]]:
+            return [r.to_dict() for r in kusto.execute_query(DB, text).primary_results[0]]
+
+        checkpoints = rows("Checkpoints() | project ThreadId, CheckpointNs, CheckpointId")
+        assert sorted(tuple(r.values()) for r in checkpoints) == [
+            ("t1", "", "cp-1"),
+            ("t1", "", "cp-2"),
+            ("t1", "", "cp-3"),
+            ("t1", "child", "cp-9"),
+            ("t2", "", "cp-2"),
+            ("t3", "", "cp-2"),
+            ("t4", "", "cp-3"),
+            ("t6", "", "cp-1"),
+        ]
+        [hostile] = rows("Checkpoints() | where CheckpointId == 'cp-3' and ThreadId == 't1'")
+        assert hostile["Metadata"]["nested"] == HOSTILE and hostile["EventId"] == k.c3.event_id
+
+        writes = rows("PendingWrites() | project CheckpointId, TaskId, WriteIdx, Channel")
+        assert sorted(tuple(r.values()) for r in writes) == [
+            ("cp-2", "task-1", 0, "a"),
+            ("cp-2", "task-1", 1, "b"),
+        ]
+
+        values = rows("ChannelValues() | project Channel, Version, Chunks, StoredChars")
+        stored = {(r["Channel"], r["Version"]): (r["Chunks"], r["StoredChars"]) for r in values}
+        big = k.blob(k.c2, "a", "2")
+        assert stored == {
+            ("a", "1"): (1, 4),
+            ("a", "2"): (2, sum(len(p) for p in big.values())),
+            ("a", "3"): (1, 4),
+            ("b", "1"): (1, 4),
+        }
+
+        latest = rows("LatestCheckpoints() | project ThreadId, CheckpointNs, CheckpointId")
+        assert sorted(tuple(r.values()) for r in latest) == [
+            ("t1", "", "cp-3"),
+            ("t1", "child", "cp-9"),
+            ("t2", "", "cp-2"),
+            ("t3", "", "cp-2"),
+            ("t4", "", "cp-3"),
+            ("t6", "", "cp-1"),
+        ]
+        # The materialized view itself still has t5's last put; the function hides it.
+        assert rows("LatestCheckpoint | where ThreadId == 't5' | project CheckpointId") == [
+            {"CheckpointId": "cp-1"}
+        ]
+    finally:
+        kusto.close()
