@@ -14,9 +14,11 @@ import argparse
 import asyncio
 import operator
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -26,17 +28,15 @@ from typing import Annotated, Any, TypedDict
 from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.kusto import AsyncKustoSaver
-from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor
-from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
 from langgraph.checkpoint.kusto.kusto import KustoQueries
-from langgraph.checkpoint.kusto.local.kusto_server import start_local_kusto
-from langgraph.checkpoint.kusto.outbox import open_queue
 from langgraph.checkpoint.kusto.schema import provision_commands
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.graph import END, START, StateGraph
 
 DATABASE = "langgraph"
+CLI = "langgraph.checkpoint.kusto.ingestor_worker.cli"
+SERVICE = "langgraph.checkpoint.kusto.ingestor_worker.service"
 
 
 class AgentState(TypedDict, total=False):
@@ -161,27 +161,47 @@ async def steps_per_second(checkpointer: Any, runs: int, *, threads: int | None)
 
 @asynccontextmanager
 async def local_stack(root: Path) -> AsyncIterator[tuple[str, str]]:
-    server = start_local_kusto(root / "kusto", port=0, database=DATABASE)
-    queries = KustoQueries(server.url, DATABASE)
-    for command in provision_commands():
-        queries.command(command)
-    queries.close()
-    queue_url = f"sqlite:///{root / 'outbox.db'}"
-    receiver = open_queue(queue_url)
-    ingestor = KustoIngestor(server.url, DATABASE)
-    stop = threading.Event()
-    worker = threading.Thread(
-        target=Worker(receiver, ingestor, max_wait=0.05).run, args=(stop,), daemon=True
+    """The local Kusto server and a worker as their own processes, as deployed: in this
+    process they would compete with the app for the GIL."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", CLI, "local-kusto", "--port", "0", "--data", str(root / "kusto")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
-    worker.start()
+    processes = [server]
     try:
-        yield queue_url, server.url
+        assert server.stdout is not None
+        cluster = server.stdout.readline().strip()
+        queries = KustoQueries(cluster, DATABASE)
+        for command in provision_commands():
+            queries.command(command)
+        queries.close()
+        queue_url = f"sqlite:///{root / 'outbox.db'}"
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    SERVICE,
+                    "--queue",
+                    queue_url,
+                    "--cluster",
+                    cluster,
+                    "--database",
+                    DATABASE,
+                    "--health-port",
+                    "0",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        yield queue_url, cluster
     finally:
-        stop.set()
-        worker.join(timeout=30)
-        ingestor.close()
-        receiver.close()
-        server.close()
+        for process in reversed(processes):
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
 
 
 async def main() -> None:
