@@ -17,6 +17,8 @@ from langgraph.checkpoint.kusto.outbox import (
     OutboxMessage,
     OutboxReceiver,
     OutboxSender,
+    queue_id,
+    replay_message_id,
 )
 from langgraph.checkpoint.kusto.outbox.sqlite import SqliteQueue
 
@@ -248,7 +250,11 @@ def test_dead_letters_listed_oldest_first_resent_and_deleted(queue: SqliteQueue)
 
     assert queue.dead_letter_count() == 2
     (replayed,) = queue.receive(5, 0)
-    assert (replayed.message_id, replayed.session_id, replayed.body) == ("m1", "s1", b"m1")
+    assert (replayed.message_id, replayed.session_id, replayed.body) == (
+        replay_message_id("m1", dead[1].sequence_number),
+        "s1",
+        b"m1",
+    )
     assert replayed.application_properties == {"kind": "checkpoint", "n": 7}
     assert replayed.delivery_count == 0
     assert replayed.sequence_number > dead[2].sequence_number  # a new message
@@ -388,12 +394,18 @@ def test_send_is_atomic_for_concurrent_readers(db: Path) -> None:
     assert all(depth % batch_size == 0 for depth in seen)
 
 
-def test_ids_longer_than_service_bus_allows_are_rejected(queue: SqliteQueue) -> None:
-    with pytest.raises(ValueError, match="at most 128"):
-        queue.send([msg("a", "s" * 129)])
+def test_ids_longer_than_service_bus_allows_keep_their_session_and_dedup(
+    queue: SqliteQueue,
+) -> None:
+    thread = "t" * 300
+    queue.send([msg("a", thread), msg("b", thread), msg("x" * 200, thread), msg("x" * 200)])
+    received = queue.receive(10, 0)
+    assert [m.message_id for m in received] == ["a", "b", queue_id("x" * 200)]
+    assert {m.session_id for m in received} == {queue_id(thread)}
+    assert len(queue_id(thread)) <= 128
     with pytest.raises(ValueError, match="message_id must not be empty"):
         queue.send([msg("")])
-    assert queue.depth() == 0
+    assert queue.depth() == 3
 
 
 def test_one_instance_is_safe_across_threads(queue: SqliteQueue) -> None:

@@ -190,10 +190,8 @@ def is_service_bus_url(url: str) -> bool:
 
 def redact_queue_url(url: str) -> str:
     """``url`` safe to log or print: shared access keys and signatures replaced by ``***``."""
-    if not url.strip().lower().startswith("endpoint="):
-        return url
     parts = []
-    for part in url.strip().split(";"):
+    for part in url.split(";"):
         key, _, value = part.partition("=")
         secret = key.strip().lower() in ("sharedaccesskey", "sharedaccesssignature")
         parts.append(f"{key}=***" if secret and value else part)

@@ -31,12 +31,16 @@ chunking must stay under. A send of several batches is not atomic; the saver ret
 whole call and duplicate detection drops what was already accepted.
 
 Receiving: peek-lock from sessions. A consumer holds up to ``max_sessions`` sessions, each
-through a session receiver accepted with ``NEXT_AVAILABLE_SESSION``; an ``AutoLockRenewer``
-keeps their locks while a batch is ingested or retried, for at most ``lock_renewal``
-seconds. A session is given back when it has nothing to deliver and nothing unsettled, or,
-once it holds nothing unsettled, after ``lock_renewal / 2`` seconds so a busy session cannot
-outlive its renewal or starve the others. Settlement goes through the receiver that
-received the message; a lost session lock surfaces as ``LockLostError``.
+through a session receiver accepted with ``NEXT_AVAILABLE_SESSION`` (no prefetch: a message
+abandoned at a session's head must come back before the ones behind it); an
+``AutoLockRenewer`` keeps their locks while a batch is ingested or retried, for at most
+``lock_renewal`` seconds, and ``renew_locks`` renews them on demand. A session is given back
+when it has nothing to deliver and nothing unsettled, and, once nothing of it is unsettled,
+after ``max_session_hold`` seconds (at most ``lock_renewal / 2``) even when busy, so a
+renewal never runs out under it and a consumer facing many busy sessions serves them in
+turn. Settlement goes through the receiver that received the message; a lost session lock
+surfaces as ``LockLostError``. A session's unsettled messages go back uncounted when it is
+given back (``close`` included); an expired lock counts a delivery, as in Service Bus.
 
 Dead letters: read by peeking ``<queue>/$DeadLetterQueue``; ``resend_dead_letter`` and
 ``delete_dead_letter`` lock the dead-letter messages in order until they find the one
@@ -50,7 +54,9 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
@@ -114,6 +120,14 @@ DEFAULT_LOCK_RENEWAL = 300.0
 DEFAULT_SESSION_POLL_WAIT = 0.2
 """How long a receive waits on a session it already holds before trying the next one."""
 
+DEFAULT_MAX_SESSION_HOLD = 30.0
+"""A session with nothing unsettled is given back after this long even when busy, so one
+consumer facing many busy sessions serves them in turn."""
+
+MIN_POLL_WAIT = 0.05
+ACCEPT_MIN_WAIT = 0.5
+"""A receive that holds sessions accepts another only if asked to wait this long."""
+
 CONNECT_ALLOWANCE = 5.0
 """Client-side time a session accept may take beyond the caller's wait: the SDK counts
 opening the connection (TLS, token, attach) against the receive's wait."""
@@ -133,7 +147,7 @@ MAX_DEAD_LETTER_TEXT = 4096
 """Service Bus limits dead-letter reason and description (the .NET SDK checks 4096)."""
 
 DEAD_LETTER_SCAN_BATCH = 100
-DEAD_LETTER_SCAN_WAIT = 2.0
+DEAD_LETTER_SCAN_WAIT = 1.0
 PEEK_BATCH = 250
 
 DEAD_LETTER_PROPERTIES = frozenset({"DeadLetterReason", "DeadLetterErrorDescription"})
@@ -179,7 +193,7 @@ def parse_queue_url(url: str) -> ServiceBusSettings:
         )
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValueError(
-            f"Service Bus queue URL {text!r} has credentials, a query or a fragment; put the "
+            "A Service Bus queue URL takes no user, password, query or fragment; put a "
             f"secret in a connection string instead. Expected {URL_FORMS}."
         )
     queue = parts.path.strip("/")
@@ -203,6 +217,11 @@ def _parse_connection_string(text: str) -> ServiceBusSettings:
     if not endpoint.netloc:
         raise ValueError(
             f"The connection string has no Endpoint=sb://<namespace>/. Expected {URL_FORMS}."
+        )
+    if "sharedaccesskey" in fields and "sharedaccesskeyname" not in fields:
+        raise ValueError(
+            "The connection string has a SharedAccessKey but no SharedAccessKeyName (the "
+            "policy's name); copy the whole connection string from the portal."
         )
     if not ("sharedaccesskey" in fields or "sharedaccesssignature" in fields):
         raise ValueError(
@@ -375,7 +394,7 @@ def _translate(error: ServiceBusError, doing: str, where: str) -> OutboxError:
             "(worker) on the queue."
         )
     else:
-        hint = "The SDK retried already; check the namespace is reachable and the queue exists."
+        hint = "Check the namespace is reachable and the queue exists; the call may be retried."
     return OutboxError(f"Service Bus failed while {doing} ({where}): {error}. {hint}")
 
 
@@ -390,6 +409,7 @@ class _HeldSession:
     session_id: str
     accepted_at: float
     unsettled: dict[str, ServiceBusReceivedMessage] = field(default_factory=dict)
+    dropped: bool = False
 
     @property
     def locked_until(self) -> float:
@@ -411,6 +431,7 @@ class ServiceBusQueue:
         max_sessions: int = DEFAULT_MAX_SESSIONS,
         lock_renewal: float = DEFAULT_LOCK_RENEWAL,
         session_poll_wait: float = DEFAULT_SESSION_POLL_WAIT,
+        max_session_hold: float = DEFAULT_MAX_SESSION_HOLD,
         client_options: dict[str, Any] | None = None,
     ) -> None:
         if max_sessions < 1:
@@ -424,6 +445,8 @@ class ServiceBusQueue:
         self.max_sessions = max_sessions
         self.lock_renewal = lock_renewal
         self.session_poll_wait = session_poll_wait
+        # A session must go back before its renewal runs out, busy or not.
+        self.max_session_hold = min(max_session_hold, lock_renewal / 2) if lock_renewal else 0.0
         self._owned_credential = None
         if settings.connection_string is None and credential is None:
             from azure.identity import DefaultAzureCredential
@@ -433,14 +456,13 @@ class ServiceBusQueue:
         self._client = settings.client(credential, **options)
         # Receivers get no SDK retries: a retried session accept would wait for a session
         # again past the caller's max_wait, and a failed settlement or renewal means the
-        # session lock is gone anyway (the message is redelivered; see LockLostError). Nor a
-        # keep-alive thread: the worker polls its sessions every cycle and the renewer talks
-        # to them while it ingests, and closing a receiver would wait up to a second for it.
-        self._receive_client = settings.client(
-            credential, **{**options, "retry_total": 0, "keep_alive": 0}
-        )
+        # session lock is gone anyway (the message is redelivered; see LockLostError).
+        self._receive_client = settings.client(credential, **{**options, "retry_total": 0})
         self._send_lock = threading.Lock()
-        self._receive_lock = threading.RLock()
+        # _receive_lock orders the worker's receive and settlement calls; _state guards the
+        # maps of held sessions, which the renewer reads from its own thread meanwhile.
+        self._receive_lock = threading.Lock()
+        self._state = threading.Lock()
         self._sender: ServiceBusSender | None = None
         self._limits: SizeLimits | None = None
         self._renewer = (
@@ -451,6 +473,9 @@ class ServiceBusQueue:
             if lock_renewal > 0
             else None
         )
+        self._closer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="servicebus-close")
+        self._dead_letter_lock = threading.Lock()
+        self._dead_letters: ServiceBusReceiver | None = None
         self._sessions: dict[str, _HeldSession] = {}
         self._by_token: dict[str, _HeldSession] = {}
         self._next_accept = 0.0
@@ -515,39 +540,48 @@ class ServiceBusQueue:
     # --- OutboxReceiver ----------------------------------------------------------------
 
     def receive(self, max_messages: int, max_wait: float) -> list[ReceivedMessage]:
-        """Peek-lock up to ``max_messages`` from the sessions this consumer holds, accepting
-        the next available session when those have nothing; waits up to ``max_wait``
-        seconds for any (plus the time to open a session's connection)."""
+        """Peek-lock up to ``max_messages``, waiting up to ``max_wait`` seconds for any.
+
+        Polls the sessions this consumer holds, then accepts the next available session
+        (opening its connection takes a few hundred milliseconds more than ``max_wait``):
+        waiting for one when nothing came, or glancing for one more when messages came and
+        the last glance found one (or was ``ACCEPT_RETRY_INTERVAL`` ago). A call that holds
+        sessions and waits less than ``ACCEPT_MIN_WAIT`` only polls those, so a worker
+        topping up a batch stays quick."""
         if max_messages < 1:
             raise ValueError(f"max_messages must be at least 1, got {max_messages}")
         if max_wait < 0:
             raise ValueError(f"max_wait must not be negative, got {max_wait}")
         deadline = time.monotonic() + max_wait
         with self._receive_lock:
-            received = self._receive_from_held(max_messages)
+            polling_only = bool(self._sessions) and max_wait < ACCEPT_MIN_WAIT
+            received = self._receive_from_held(max_messages, deadline)
             while len(received) < max_messages and len(self._sessions) < self.max_sessions:
-                if received and time.monotonic() < self._next_accept:
+                now = time.monotonic()
+                if polling_only or (received and now < self._next_accept):
                     break
-                # With messages in hand, only glance for another session; without, wait.
-                wait = self.session_poll_wait if received else deadline - time.monotonic()
-                taken = self._accept_next_session(max_messages - len(received), max(wait, 0.0))
+                wait = self.session_poll_wait if received else deadline - now
+                taken = self._accept_next_session(max_messages - len(received), wait)
                 if taken is None:
                     self._next_accept = time.monotonic() + ACCEPT_RETRY_INTERVAL
                     break
                 received += taken
-                if not received and time.monotonic() >= deadline:
+                if received or time.monotonic() >= deadline:
                     break
             return received
 
-    def _receive_from_held(self, max_messages: int) -> list[ReceivedMessage]:
+    def _receive_from_held(self, max_messages: int, deadline: float) -> list[ReceivedMessage]:
         received: list[ReceivedMessage] = []
-        for held in list(self._sessions.values()):
+        with self._state:
+            held_now = list(self._sessions.values())
+        for held in held_now:
             if len(received) >= max_messages:
                 break
+            remaining = deadline - time.monotonic()
             try:
                 batch = held.receiver.receive_messages(
                     max_message_count=max_messages - len(received),
-                    max_wait_time=self.session_poll_wait,
+                    max_wait_time=min(self.session_poll_wait, max(remaining, MIN_POLL_WAIT)),
                 )
             except ServiceBusError as error:
                 logger.warning(
@@ -557,9 +591,10 @@ class ServiceBusQueue:
                 self._drop_session(held)
                 continue
             received += self._hold(held, batch)
-            if not held.unsettled and (
-                not batch or time.monotonic() - held.accepted_at > self.lock_renewal / 2
-            ):
+            with self._state:
+                idle = not held.unsettled
+            held_long = time.monotonic() - held.accepted_at > self.max_session_hold
+            if idle and (not batch or held_long):
                 self._drop_session(held)
         return received
 
@@ -573,39 +608,49 @@ class ServiceBusQueue:
         )
         try:
             batch = receiver.receive_messages(
-                max_message_count=max_messages, max_wait_time=wait + CONNECT_ALLOWANCE
+                max_message_count=max_messages, max_wait_time=max(wait, 0) + CONNECT_ALLOWANCE
             )
         except (OperationTimeoutError, SessionCannotBeLockedError):
-            _close_quietly(receiver)
+            self._closer.submit(_close_quietly, receiver)
             return None
         except ServiceBusError as error:
-            _close_quietly(receiver)
+            self._closer.submit(_close_quietly, receiver)
             raise _translate(error, "accepting a session", self.where) from error
         held = _HeldSession(receiver, receiver.session.session_id, time.monotonic())
         if not batch:
-            _close_quietly(receiver)
+            self._closer.submit(_close_quietly, receiver)
             return []
-        self._sessions[held.session_id] = held
+        with self._state:
+            self._sessions[held.session_id] = held
         return self._hold(held, batch)
 
     def _hold(
         self, held: _HeldSession, batch: Iterable[ServiceBusReceivedMessage]
     ) -> list[ReceivedMessage]:
         received = []
-        for message in batch:
-            token = str(message.lock_token)
-            held.unsettled[token] = message
-            self._by_token[token] = held
-            received.append(to_received_message(message, held.locked_until))
+        locked_until = held.locked_until
+        with self._state:
+            for message in batch:
+                token = str(message.lock_token)
+                held.unsettled[token] = message
+                self._by_token[token] = held
+                received.append(to_received_message(message, locked_until))
         return received
 
     def _drop_session(self, held: _HeldSession) -> None:
-        """Give the session back; its unsettled messages return to the queue uncounted."""
-        self._sessions.pop(held.session_id, None)
-        for token in held.unsettled:
-            self._by_token.pop(token, None)
-        held.unsettled.clear()
-        _close_quietly(held.receiver)
+        """Give the session back; its unsettled messages return to the queue uncounted.
+
+        The receiver is closed off the caller's thread: closing waits for the SDK's
+        keep-alive thread (up to a second), which the worker's loop should not."""
+        with self._state:
+            if held.dropped:
+                return
+            held.dropped = True
+            self._sessions.pop(held.session_id, None)
+            for token in held.unsettled:
+                self._by_token.pop(token, None)
+            held.unsettled.clear()
+        self._closer.submit(_close_quietly, held.receiver)
 
     def complete(self, messages: Sequence[ReceivedMessage]) -> None:
         """Remove the messages; ``LockLostError`` names those whose session lock was lost
@@ -636,8 +681,9 @@ class ServiceBusQueue:
         lost: list[ReceivedMessage] = []
         with self._receive_lock:
             for message in messages:
-                held = self._by_token.pop(message.lock_token, None)
-                sdk_message = held.unsettled.pop(message.lock_token, None) if held else None
+                with self._state:
+                    held = self._by_token.pop(message.lock_token, None)
+                    sdk_message = held.unsettled.pop(message.lock_token, None) if held else None
                 if held is None or sdk_message is None:
                     lost.append(message)
                     continue
@@ -660,33 +706,26 @@ class ServiceBusQueue:
 
     def renew_locks(self, messages: Sequence[ReceivedMessage]) -> list[float]:
         """Renew the session locks of the messages (a session message's lock is its
-        session's); returns the new ``locked_until`` per message."""
+        session's); returns the new ``locked_until`` per message.
+
+        Safe to call from another thread while ``receive`` waits (the worker's renewer
+        does): it does not wait for the receive, and the SDK serialises the link's frames."""
+        with self._state:
+            sessions = {m.lock_token: self._by_token.get(m.lock_token) for m in messages}
         renewed: dict[str, float] = {}
-        lost: list[ReceivedMessage] = []
-        with self._receive_lock:
-            for message in messages:
-                held = self._by_token.get(message.lock_token)
-                if held is None:
-                    lost.append(message)
-                    continue
-                if held.session_id not in renewed:
-                    try:
-                        renewed[held.session_id] = _epoch(held.receiver.session.renew_lock())
-                    except ServiceBusError as error:
-                        logger.warning(
-                            "session lock renewal failed",
-                            extra={"queue": self.queue, "error": type(error).__name__},
-                        )
-                        self._drop_session(held)
-                        lost.append(message)
-                        continue
-            until = [
-                renewed.get(held.session_id, 0.0)
-                for held in (self._by_token.get(m.lock_token) for m in messages)
-                if held is not None
-            ]
+        for held in {id(h): h for h in sessions.values() if h is not None}.values():
+            try:
+                renewed[held.session_id] = _epoch(held.receiver.session.renew_lock())
+            except (ServiceBusError, ValueError) as error:
+                # ValueError: the SDK's answer when the receiver was closed meanwhile.
+                logger.warning(
+                    "session lock renewal failed; its messages will be redelivered",
+                    extra={"queue": self.queue, "error": type(error).__name__},
+                )
+                self._drop_session(held)
+        lost = [m for m in messages if _session_of(sessions, m) not in renewed]
         _raise_if_lost(lost, "renew the lock of", self.where)
-        return until
+        return [renewed[_session_of(sessions, m)] for m in messages]
 
     def _on_renew_failure(self, renewable: Any, error: Exception | None) -> None:
         session_id = renewable.session_id if isinstance(renewable, ServiceBusSession) else None
@@ -705,20 +744,18 @@ class ServiceBusQueue:
     def list_dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The oldest ``limit`` dead letters, by peeking (no lock is taken)."""
         found: list[DeadLetter] = []
-        try:
-            with self._dead_letter_receiver() as receiver:
-                next_sequence = 0
-                while len(found) < limit:
-                    batch = receiver.peek_messages(
-                        max_message_count=min(limit - len(found), PEEK_BATCH),
-                        sequence_number=next_sequence,
-                    )
-                    if not batch:
-                        break
-                    found += [to_dead_letter(m) for m in batch]
-                    next_sequence = found[-1].sequence_number + 1
-        except ServiceBusError as error:
-            raise _translate(error, "reading dead letters", self.where) from error
+        with self._dead_letter_receiver("reading dead letters") as receiver:
+            # From the start: 0 would make the SDK go on after what this receiver last saw.
+            next_sequence = 1
+            while len(found) < limit:
+                batch = receiver.peek_messages(
+                    max_message_count=min(limit - len(found), PEEK_BATCH),
+                    sequence_number=next_sequence,
+                )
+                if not batch:
+                    break
+                found += [to_dead_letter(m) for m in batch]
+                next_sequence = found[-1].sequence_number + 1
         return found
 
     def resend_dead_letter(self, sequence_number: int) -> None:
@@ -750,43 +787,63 @@ class ServiceBusQueue:
         doing: str,
         act: Callable[[ServiceBusReceiver, ServiceBusReceivedMessage], None],
     ) -> None:
-        target: ServiceBusReceivedMessage | None = None
-        try:
-            with self._dead_letter_receiver() as receiver:
-                passed: list[ServiceBusReceivedMessage] = []
-                try:
-                    target = _scan_for(receiver, sequence_number, passed)
-                    if target is not None:
-                        act(receiver, target)
-                finally:
-                    for message in passed:
-                        receiver.abandon_message(message)
-        except ServiceBusError as error:
-            raise _translate(error, doing, self.where) from error
-        if target is None:
-            raise KeyError(
-                f"No dead letter with sequence number {sequence_number} in {self.where}; "
-                "list_dead_letters() shows the ones there are."
-            )
+        with self._dead_letter_receiver(doing) as receiver:
+            # A peek answers "no such dead letter" without locking anything.
+            peeked = receiver.peek_messages(1, sequence_number=max(sequence_number, 1))
+            if not peeked or peeked[0].sequence_number != sequence_number:
+                raise KeyError(
+                    f"No dead letter with sequence number {sequence_number} in {self.where}; "
+                    "list_dead_letters() shows the ones there are."
+                )
+            passed: list[ServiceBusReceivedMessage] = []
+            try:
+                target = _scan_for(receiver, sequence_number, passed)
+                if target is None:
+                    raise OutboxError(
+                        f"Dead letter {sequence_number} in {self.where} is locked by another "
+                        "reader of the dead-letter queue; try again once its lock expires."
+                    )
+                act(receiver, target)
+            finally:
+                _abandon_quietly(receiver, passed)
 
-    def _dead_letter_receiver(self) -> ServiceBusReceiver:
-        return self._receive_client.get_queue_receiver(
-            self.queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER
-        )
+    @contextmanager
+    def _dead_letter_receiver(self, doing: str) -> Iterator[ServiceBusReceiver]:
+        """The dead-letter sub-queue's receiver, kept open between operator calls (opening
+        one costs a connection); a Service Bus failure closes it and says what to do."""
+        with self._dead_letter_lock:
+            if self._dead_letters is None:
+                self._dead_letters = self._receive_client.get_queue_receiver(
+                    self.queue, sub_queue=ServiceBusSubQueue.DEAD_LETTER
+                )
+            try:
+                yield self._dead_letters
+            except ServiceBusError as error:
+                _close_quietly(self._dead_letters)
+                self._dead_letters = None
+                raise _translate(error, doing, self.where) from error
 
     # --- lifecycle -----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Give back held sessions (their unsettled messages return uncounted) and close."""
+        """Give back held sessions (their unsettled messages return uncounted) and close.
+
+        Renewal stops first, so no renewal races a closing receiver; the links close in
+        parallel, each waiting for its SDK keep-alive thread."""
+        if self._renewer is not None:
+            self._renewer.close(wait=False)
         with self._receive_lock:
             for held in list(self._sessions.values()):
                 self._drop_session(held)
-        if self._renewer is not None:
-            self._renewer.close()
+        with self._dead_letter_lock:
+            if self._dead_letters is not None:
+                self._closer.submit(_close_quietly, self._dead_letters)
+                self._dead_letters = None
         with self._send_lock:
             if self._sender is not None:
-                _close_quietly(self._sender)
+                self._closer.submit(_close_quietly, self._sender)
                 self._sender = None
+        self._closer.shutdown(wait=True)
         self._receive_client.close()
         self._client.close()
         if self._owned_credential is not None:
@@ -807,6 +864,12 @@ class ServiceBusQueue:
         return f"ServiceBusQueue({self.settings.namespace!r}, queue={self.queue!r})"
 
 
+def _session_of(sessions: dict[str, _HeldSession | None], message: ReceivedMessage) -> str:
+    """The held session's id for ``message``, or "" when it is not held any more."""
+    held = sessions.get(message.lock_token)
+    return held.session_id if held is not None else ""
+
+
 def _limits_of(batch: ServiceBusMessageBatch, sender: Any) -> SizeLimits:
     """The link's limits. The SDK sizes batches by the link (256 KB Standard, 1 MB Premium)
     but keeps the entity's per-message maximum (up to 100 MB on Premium) only in a private
@@ -818,18 +881,23 @@ def _limits_of(batch: ServiceBusMessageBatch, sender: Any) -> SizeLimits:
 def _scan_for(
     receiver: ServiceBusReceiver, sequence_number: int, passed: list[ServiceBusReceivedMessage]
 ) -> ServiceBusReceivedMessage | None:
-    """Lock dead letters in order until ``sequence_number``; the others go to ``passed``."""
+    """Lock dead letters in order until ``sequence_number``; the others go to ``passed``.
+    Stops at the end, or when locks taken earlier ran out and their messages come round
+    again (a lock duration shorter than the scan)."""
+    seen: set[int | None] = set()
     while True:
         batch = receiver.receive_messages(
             max_message_count=DEAD_LETTER_SCAN_BATCH, max_wait_time=DEAD_LETTER_SCAN_WAIT
         )
-        if not batch:
-            return None
+        fresh = [m for m in batch if m.sequence_number not in seen]
         for message in batch:
             if message.sequence_number == sequence_number:
                 passed += [m for m in batch if m is not message]
                 return message
         passed += batch
+        if not fresh:
+            return None
+        seen.update(m.sequence_number for m in fresh)
 
 
 def _raise_if_lost(lost: list[ReceivedMessage], action: str, where: str) -> None:
@@ -841,6 +909,19 @@ def _raise_if_lost(lost: list[ReceivedMessage], action: str, where: str) -> None
             "make the processing idempotent, or renew locks sooner.",
             [m.sequence_number for m in lost],
         )
+
+
+def _abandon_quietly(
+    receiver: ServiceBusReceiver, messages: list[ServiceBusReceivedMessage]
+) -> None:
+    """Give back dead letters a scan passed over; a lock that ran out needs nothing."""
+    for message in messages:
+        try:
+            receiver.abandon_message(message)
+        except (ServiceBusError, MessageAlreadySettled) as error:
+            logger.info(
+                "a passed dead letter was not abandoned", extra={"error": type(error).__name__}
+            )
 
 
 def _close_quietly(handler: ServiceBusReceiver | ServiceBusSender) -> None:
