@@ -17,7 +17,7 @@ from langgraph.checkpoint.base import (
     CheckpointTuple,
     DeltaChannelHistory,
 )
-from langgraph.checkpoint.kusto.outbox import OutboxSender, open_queue
+from langgraph.checkpoint.kusto.outbox import AsyncOutboxSender, open_async_sender
 from langgraph.checkpoint.kusto.shared.assembly import StoredCheckpoint, assemble
 from langgraph.checkpoint.kusto.shared.assembly import channel_history as assemble_channel_history
 from langgraph.checkpoint.kusto.shared.envelope import Event
@@ -48,7 +48,7 @@ class AsyncKustoSaver(BaseKustoSaver):
 
     def __init__(
         self,
-        outbox: OutboxSender,
+        outbox: AsyncOutboxSender,
         queries: AsyncKustoQueries,
         *,
         consistency: Consistency | str = Consistency.SESSION,
@@ -79,13 +79,13 @@ class AsyncKustoSaver(BaseKustoSaver):
         then the local defaults (``langgraph-kusto local up``).
         """
         settings = resolve(queue, cluster, database)
-        outbox = open_queue(settings.queue)
+        outbox = open_async_sender(settings.queue)
         queries = AsyncKustoQueries(settings.cluster, settings.database, credential)
         try:
             yield cls(outbox, queries, consistency=consistency, serde=serde, **options)
         finally:
             await queries.close()
-            outbox.close()
+            await outbox.close()
 
     async def setup(self, *, provision: bool = False) -> None:
         """Check the schema; with ``provision=True`` apply provision.kql first."""
@@ -272,7 +272,7 @@ class AsyncKustoSaver(BaseKustoSaver):
         if not events:
             return
         messages = [m for event in events for m in self._messages(event)]
-        await asyncio.to_thread(self.outbox.send, messages)
+        await self.outbox.send(messages)
         if self.consistency is Consistency.STRONG:
             await self._wait_ingested({event.event_id: event.seq for event in events})
         for event in events:
