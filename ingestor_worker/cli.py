@@ -1,24 +1,23 @@
-"""``langgraph-kusto``: the local Kusto server, provisioning, the worker and the demo."""
+"""``langgraph-kusto``: the local stack, provisioning, the worker, dead letters and the demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from azure.kusto.data.exceptions import KustoError, KustoNetworkError
 from langgraph.checkpoint.kusto.kusto import KustoQueries
+from langgraph.checkpoint.kusto.outbox import OutboxError
 from langgraph.checkpoint.kusto.settings import (
     CLUSTER_ENV,
     DATABASE_ENV,
     DEFAULT_LOCAL_PORT,
     LOCAL_DIR,
-    QUEUE_ENV,
     resolve,
 )
 
@@ -48,18 +47,29 @@ class UsageError(Exception):
     """A mistake on the command line or in settings: printed without a traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument mistakes as one line naming the command, not argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLogFormatter())
-    quiet_by_default = args.command == "demo"
+    # The demo and the dead-letter tools print what matters; services log at INFO.
+    quiet_by_default = args.command in ("demo", "dlq")
     logging.basicConfig(
         level=logging.DEBUG
         if args.verbose
         else (logging.WARNING if quiet_by_default else logging.INFO),
         handlers=[handler],
     )
+    if not args.verbose:
+        # The Azure SDKs log every AMQP link state change and HTTP request at INFO.
+        logging.getLogger("azure").setLevel(logging.WARNING)
     try:
         return int(args.handler(args) or 0)
     except UsageError as exc:
@@ -75,12 +85,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KustoError as exc:
         print(f"langgraph-kusto: Kusto refused the request: {exc}", file=sys.stderr)
         return 1
+    except OutboxError as exc:
+        print(f"langgraph-kusto: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .dlq import add_dlq_arguments, run_dlq_command
+    from .local_stack import add_local_up_arguments, port_number, run_local_up
+    from .service import add_worker_arguments, run_worker_command
+
+    parser = _Parser(
         prog="langgraph-kusto",
         description="LangGraph checkpoints in Azure Data Explorer through an outbox queue.",
     )
@@ -88,30 +105,46 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     local = commands.add_parser("local-kusto", help="run the local Kusto-compatible server")
-    local.add_argument("--port", type=int, default=DEFAULT_LOCAL_PORT, help="0 picks a free port")
+    local.add_argument(
+        "--port",
+        type=port_number,
+        default=None,
+        help=f"0 picks a free port (default: that of ${CLUSTER_ENV} on loopback, "
+        f"else {DEFAULT_LOCAL_PORT})",
+    )
     local.add_argument("--data", type=Path, default=Path(LOCAL_DIR) / "kusto", help="data dir")
     local.add_argument("--database", default=None, help=f"database name (${DATABASE_ENV})")
     local.set_defaults(handler=_local_kusto)
 
+    stack = commands.add_parser("local", help="the local stack (Kusto server and worker)")
+    stack_commands = stack.add_subparsers(dest="local_command", required=True, metavar="ACTION")
+    up = stack_commands.add_parser(
+        "up",
+        help="run the local Kusto server and a worker in the foreground until Ctrl-C; apps "
+        "then use the saver with no settings",
+    )
+    add_local_up_arguments(up)
+    up.set_defaults(handler=run_local_up)
+
     provision = commands.add_parser("provision", help="apply provision.kql to a database")
-    _connection_flags(provision, queue=False)
+    _connection_flags(provision)
     provision.set_defaults(handler=_provision)
 
     worker = commands.add_parser("worker", help="run the ingestor worker until SIGTERM/SIGINT")
-    _connection_flags(worker, queue=True)
-    worker.add_argument("--max-batch-messages", type=int, default=500)
-    worker.add_argument("--max-wait", type=float, default=1.0, help="seconds to wait for messages")
-    worker.set_defaults(handler=_worker)
+    add_worker_arguments(worker)
+    worker.set_defaults(handler=run_worker_command)
 
-    demo = commands.add_parser("demo", help="run an agent through the whole local pipeline")
+    dlq = commands.add_parser("dlq", help="list, show, replay or purge dead letters")
+    add_dlq_arguments(dlq)
+    dlq.set_defaults(handler=run_dlq_command)
+
+    demo = commands.add_parser("demo", help="a tour of the whole pipeline on this machine")
     demo.add_argument("--data", type=Path, default=None, help="keep the demo's data here")
     demo.set_defaults(handler=_demo)
     return parser
 
 
-def _connection_flags(parser: argparse.ArgumentParser, *, queue: bool) -> None:
-    if queue:
-        parser.add_argument("--queue", default=None, help=f"queue URL (${QUEUE_ENV})")
+def _connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster", default=None, help=f"Kusto cluster URL (${CLUSTER_ENV})")
     parser.add_argument("--database", default=None, help=f"Kusto database (${DATABASE_ENV})")
 
@@ -119,7 +152,13 @@ def _connection_flags(parser: argparse.ArgumentParser, *, queue: bool) -> None:
 def _local_kusto(args: argparse.Namespace) -> int:
     from langgraph.checkpoint.kusto.local.kusto_server import serve_local_kusto
 
-    serve_local_kusto(args.data, args.port, resolve(database=args.database).database)
+    from .local_stack import default_port, server_error
+
+    port = default_port() if args.port is None else args.port
+    try:
+        serve_local_kusto(args.data, port, resolve(database=args.database).database)
+    except (OSError, RuntimeError) as exc:
+        raise server_error(exc, args.data, port) from None
     return 0
 
 
@@ -145,31 +184,6 @@ def _connect(cluster: str, database: str) -> KustoQueries:
         raise UsageError(str(exc)) from None
 
 
-def _worker(args: argparse.Namespace) -> int:
-    from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor
-    from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
-    from langgraph.checkpoint.kusto.outbox import open_queue
-
-    settings = resolve(args.queue, args.cluster, args.database)
-    try:
-        receiver = open_queue(settings.queue)
-        ingestor = KustoIngestor(settings.cluster, settings.database)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    worker = Worker(
-        receiver, ingestor, max_batch_messages=args.max_batch_messages, max_wait=args.max_wait
-    )
-    try:
-        worker.run(stop)
-    finally:
-        ingestor.close()
-        receiver.close()
-    return 0
-
-
 def _demo(args: argparse.Namespace) -> int:
     from langgraph.checkpoint.kusto.ingestor_worker.demo import run_demo
 
@@ -178,4 +192,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the package's copy of this module, not this __main__ one: the subcommand modules
+    # raise the package's UsageError, and only that class is caught by the package's main.
+    from langgraph.checkpoint.kusto.ingestor_worker import cli
+
+    sys.exit(cli.main())
