@@ -163,17 +163,15 @@ def _local_kusto(args: argparse.Namespace) -> int:
 
 
 def _provision(args: argparse.Namespace) -> int:
-    from langgraph.checkpoint.kusto.schema import provision_commands
+    from langgraph.checkpoint.kusto.schema import apply_provision
 
     settings = resolve(cluster=args.cluster, database=args.database)
     queries = _connect(settings.cluster, settings.database)
     try:
-        commands = provision_commands()
-        for command in commands:
-            queries.command(command)
+        applied = apply_provision(queries)
     finally:
         queries.close()
-    print(f"provisioned {settings.database} on {settings.cluster}: {len(commands)} commands")
+    print(f"provisioned {settings.database} on {settings.cluster}: {applied} commands")
     return 0
 
 

@@ -48,7 +48,7 @@ from langgraph.checkpoint.kusto.local.kusto_server import LocalKustoServer, star
 from langgraph.checkpoint.kusto.outbox import MAX_DELIVERY_COUNT_EXCEEDED, OutboxMessage
 from langgraph.checkpoint.kusto.outbox.sqlite import SqliteQueue
 from langgraph.checkpoint.kusto.queries import Query
-from langgraph.checkpoint.kusto.schema import provision_commands
+from langgraph.checkpoint.kusto.schema import apply_provision
 from langgraph.checkpoint.kusto.settings import DEFAULT_DATABASE
 from langgraph.checkpoint.kusto.shared.errors import EnvelopeError
 from langgraph.checkpoint.kusto.shared.rows import TABLE
@@ -301,7 +301,7 @@ def _local_stack(root: Path, out: TextIO) -> Iterator[_Stack]:
     worker_thread: threading.Thread | None = None
     try:
         print(f"  local Kusto server  {server.url} (database {DEFAULT_DATABASE})", file=out)
-        _provision(queries)
+        apply_provision(queries)
         print("  schema              provision.kql applied", file=out)
         worker = Worker(queue, ingestor, max_wait=0.2, retry=DEMO_RETRY)
         worker_thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
@@ -316,11 +316,6 @@ def _local_stack(root: Path, out: TextIO) -> Iterator[_Stack]:
         queue.close()
         queries.close()
         server.close()
-
-
-def _provision(queries: KustoQueries) -> None:
-    for command in provision_commands():
-        queries.command(command)
 
 
 def _agent_runs(stack: _Stack, out: TextIO) -> list[dict[str, Any]]:
@@ -384,7 +379,7 @@ def _dead_letters(stack: _Stack, worker_log: list[logging.LogRecord], out: TextI
         _indented(out, lambda o: run_show(store, stack.queue_url, late.sequence_number, o))
 
         _heading(out, "6. The fix, then replay")
-        _provision(stack.queries)
+        apply_provision(stack.queries)
         print("  provision.kql applied again: the mapping is back", file=out)
         _command(
             out, f"dlq replay --reason {MAX_DELIVERY_COUNT_EXCEEDED} --queue {stack.queue_url}"

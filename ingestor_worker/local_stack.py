@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from langgraph.checkpoint.kusto.kusto import KustoQueries, is_local_cluster
 from langgraph.checkpoint.kusto.outbox import OutboxQueue, open_queue, redact_queue_url
-from langgraph.checkpoint.kusto.schema import provision_commands
+from langgraph.checkpoint.kusto.schema import apply_provision
 from langgraph.checkpoint.kusto.settings import (
     CLUSTER_ENV,
     DATABASE_ENV,
@@ -138,12 +138,10 @@ def run_local_up(args: argparse.Namespace, out: TextIO | None = None) -> int:
 def _provision(cluster: str, database: str, stream: TextIO) -> None:
     queries = KustoQueries(cluster, database)
     try:
-        commands = provision_commands()
-        for command in commands:
-            queries.command(command)
+        applied = apply_provision(queries)
     finally:
         queries.close()
-    _say(stream, f"schema:  provision.kql applied ({len(commands)} commands)")
+    _say(stream, f"schema:  provision.kql applied ({applied} commands)")
 
 
 def _run_worker(

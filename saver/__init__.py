@@ -39,7 +39,7 @@ from .base import (
 )
 from .kusto import KustoQueries
 from .queries import Query, channel_history
-from .schema import SHOW_SCHEMA, provision_commands, schema_error, verify_schema
+from .schema import SHOW_SCHEMA, apply_provision, schema_error, verify_schema
 from .settings import resolve
 
 __all__ = [
@@ -96,8 +96,7 @@ class KustoSaver(BaseKustoSaver):
     def setup(self, *, provision: bool = False) -> None:
         """Check the schema; with ``provision=True`` apply provision.kql first."""
         if provision:
-            for command in provision_commands():
-                self.queries.command(command)
+            apply_provision(self.queries)
         try:
             rows = self.queries.command(SHOW_SCHEMA)
         except Exception as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib.resources import files
+from typing import Any
 
 from langgraph.checkpoint.kusto.shared.rows import COLUMNS, TABLE
 
@@ -25,6 +26,14 @@ def provision_commands(script: str | None = None) -> list[str]:
         if command:
             commands.append(command)
     return commands
+
+
+def apply_provision(queries: Any) -> int:
+    """Run every command of provision.kql through ``queries.command``; how many ran."""
+    commands = provision_commands()
+    for command in commands:
+        queries.command(command)
+    return len(commands)
 
 
 SHOW_SCHEMA = f".show table {TABLE} cslschema"
