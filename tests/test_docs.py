@@ -40,7 +40,6 @@ What is collected from README.md and docs/*.md:
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import shlex
@@ -71,7 +70,7 @@ from langgraph.checkpoint.kusto.queries import Query
 from langgraph.checkpoint.kusto.settings import CLUSTER_ENV, DEFAULT_DATABASE, DEFAULT_QUEUE
 from langgraph.checkpoint.kusto.shared.envelope import Blob, Event, EventKind, encode_event
 from langgraph.checkpoint.kusto.shared.framing import encode_frame, split_frames
-from test_kql_validity import CHECKER, LIBRARY, PROJECT_ITEMS, SETUP, _errors, _report
+from test_kql_validity import PROJECT_ITEMS, _errors, _report, run_checker
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -555,28 +554,10 @@ def _checked_text(statement: Statement) -> str:
 
 @pytest.fixture(scope="module")
 def kql_checked() -> dict[str, Any]:
-    if not (LIBRARY / "Kusto.Language.Bridge.min.js").is_file():
-        pytest.fail(f"{LIBRARY} is missing: run `{SETUP}` (scripts/test does)", pytrace=False)
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail("node is not on PATH; this test needs Node.js (20+)", pytrace=False)
     items = [item for item in PROJECT_ITEMS if item.get("provision")]
     items += [{"name": s.name, "text": _checked_text(s)} for s in STATEMENTS]
-    process = subprocess.run(
-        [node, str(CHECKER)],
-        input=json.dumps(items),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={"PATH": str(Path(node).parent), "KQL_CHECK_DATABASE": DEFAULT_DATABASE},
-        timeout=120,
-        check=False,
-    )
-    if process.returncode != 0:
-        pytest.fail(f"{CHECKER.name} failed:\n{process.stderr}", pytrace=False)
-    results = json.loads(process.stdout)["results"]
-    texts = {item["name"]: item["text"] for item in items}
-    return {r["name"]: {**r, "text": texts[r["name"]]} for r in results if r is not None}
+    results: dict[str, Any] = run_checker(items)["results"]
+    return results
 
 
 @pytest.mark.parametrize("statement", STATEMENTS, ids=[s.name for s in STATEMENTS])

@@ -285,8 +285,12 @@ def _all_items() -> list[dict[str, Any]]:
     return items
 
 
-@pytest.fixture(scope="module")
-def checked() -> dict[str, Any]:
+def run_checker(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Check ``items`` ({name, text, provision?}) in one node process.
+
+    Returns the checker's output with ``results`` keyed by name, each with its text.
+    Fails the calling test (not skips) when node or the npm package is missing.
+    """
     if not (LIBRARY / "Kusto.Language.Bridge.min.js").is_file():
         pytest.fail(
             f"{LIBRARY.relative_to(ROOT)} is missing: run `{SETUP}` from the repository root "
@@ -296,7 +300,6 @@ def checked() -> dict[str, Any]:
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is not on PATH; this test needs Node.js (20+)", pytrace=False)
-    items = _all_items()
     names = [item["name"] for item in items]
     duplicates = {name for name in names if names.count(name) > 1}
     assert not duplicates, f"item names must be unique: {sorted(duplicates)}"
@@ -316,9 +319,14 @@ def checked() -> dict[str, Any]:
     texts = {item["name"]: item["text"] for item in items}
     results = {}
     for result in output["results"]:
-        result["text"] = texts[result["name"]]
-        results[result["name"]] = result
+        if result is not None:
+            results[result["name"]] = {**result, "text": texts[result["name"]]}
     return {"database": output["database"], "results": results}
+
+
+@pytest.fixture(scope="module")
+def checked() -> dict[str, Any]:
+    return run_checker(_all_items())
 
 
 def _errors(result: dict[str, Any]) -> list[dict[str, Any]]:
