@@ -144,11 +144,8 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             for channel, version in new_versions.items()
         )
         serializable_metadata = _json_safe(get_serializable_checkpoint_metadata(config, metadata))
-        event = Event(
-            kind=EventKind.PUT,
-            event_id=self._event_ids.next(),
-            seq=self._clock.next(),
-            published_at=time.time(),
+        event = self._new_event(
+            EventKind.PUT,
             thread_id=thread_id,
             checkpoint_ns=checkpoint_ns,
             checkpoint_id=checkpoint["id"],
@@ -189,46 +186,44 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
                     task_id, task_path, WRITES_IDX_MAP.get(channel, idx), channel, value_type, data
                 )
             )
-        return Event(
-            kind=EventKind.PUT_WRITES,
-            event_id=self._event_ids.next(),
-            seq=self._clock.next(),
-            published_at=time.time(),
+        return self._new_event(
+            EventKind.PUT_WRITES,
             thread_id=_require_str(configurable, "thread_id"),
             checkpoint_ns=configurable.get("checkpoint_ns") or "",
             checkpoint_id=_require_str(configurable, "checkpoint_id"),
             writes=tuple(serialized),
         )
 
-    def _delete_thread_event(self, thread_id: str) -> Event:
-        if not isinstance(thread_id, str):
-            raise TypeError(f"thread_id must be a string, got {type(thread_id).__name__}")
+    def _new_event(self, kind: EventKind, **fields: Any) -> Event:
+        """An event with a fresh id, the next sequence number and the publish time."""
         return Event(
-            kind=EventKind.DELETE_THREAD,
+            kind=kind,
             event_id=self._event_ids.next(),
             seq=self._clock.next(),
             published_at=time.time(),
+            **fields,
+        )
+
+    def _delete_thread_event(self, thread_id: str) -> Event:
+        if not isinstance(thread_id, str):
+            raise TypeError(f"thread_id must be a string, got {type(thread_id).__name__}")
+        return self._new_event(
+            EventKind.DELETE_THREAD,
             thread_id=thread_id,
         )
 
     def _delete_runs_event(self, run_ids: Sequence[str]) -> Event:
         if isinstance(run_ids, str) or not all(isinstance(r, str) for r in run_ids):
             raise TypeError("run_ids must be a sequence of strings")
-        return Event(
-            kind=EventKind.DELETE_RUNS,
-            event_id=self._event_ids.next(),
-            seq=self._clock.next(),
-            published_at=time.time(),
+        return self._new_event(
+            EventKind.DELETE_RUNS,
             thread_id=RUNS_SESSION,
             run_ids=tuple(run_ids),
         )
 
     def _prune_event(self, thread_id: str, kept: Iterable[tuple[str, str]]) -> Event:
-        return Event(
-            kind=EventKind.PRUNE,
-            event_id=self._event_ids.next(),
-            seq=self._clock.next(),
-            published_at=time.time(),
+        return self._new_event(
+            EventKind.PRUNE,
             thread_id=thread_id,
             kept=tuple(sorted(kept)),
         )
@@ -252,11 +247,8 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
                     sent.add((stored.checkpoint_ns, channel, version))
                     blobs.append(Blob(channel, version, value.type, value.data))
             events.append(
-                Event(
-                    kind=EventKind.PUT,
-                    event_id=self._event_ids.next(),
-                    seq=self._clock.next(),
-                    published_at=time.time(),
+                self._new_event(
+                    EventKind.PUT,
                     thread_id=target_thread_id,
                     checkpoint_ns=stored.checkpoint_ns,
                     checkpoint_id=stored.checkpoint_id,
@@ -270,11 +262,8 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             )
             if stored.writes:
                 events.append(
-                    Event(
-                        kind=EventKind.PUT_WRITES,
-                        event_id=self._event_ids.next(),
-                        seq=self._clock.next(),
-                        published_at=time.time(),
+                    self._new_event(
+                        EventKind.PUT_WRITES,
                         thread_id=target_thread_id,
                         checkpoint_ns=stored.checkpoint_ns,
                         checkpoint_id=stored.checkpoint_id,
