@@ -141,6 +141,15 @@ ORDER BY (SELECT min(m.seq) FROM outbox_messages AS m
           WHERE m.queue = s.queue AND m.session_id = s.session_id)
 """
 
+ANY_AVAILABLE = """
+SELECT 1 FROM outbox_sessions AS s
+WHERE s.queue = :queue AND (s.owner IS NULL OR s.owner = :me OR s.locked_until < :now)
+  AND EXISTS (SELECT 1 FROM outbox_messages AS m
+              WHERE m.queue = s.queue AND m.session_id = s.session_id
+                AND (m.locked_until IS NULL OR m.locked_until < :now))
+LIMIT 1
+"""
+
 AVAILABLE_IN_SESSION = """
 SELECT seq, delivery_count FROM outbox_messages
 WHERE queue = :queue AND session_id = :session_id
@@ -418,6 +427,12 @@ class SqliteQueue:
             delay = min(delay * 2, POLL_MAX_DELAY)
 
     def _receive_now(self, max_messages: int) -> list[ReceivedMessage]:
+        # A read never waits for (or blocks) a writer in WAL mode; the write lock is
+        # taken only when there is something to lock, so idle polling by consumers does
+        # not stall producers in SQLite's busy-wait sleeps.
+        with self._lock:
+            if self._conn.execute(ANY_AVAILABLE, self._params(now=time.time())).fetchone() is None:
+                return []
         received: list[ReceivedMessage] = []
         with self._transaction() as conn:
             now = time.time()
