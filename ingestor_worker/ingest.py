@@ -119,8 +119,11 @@ class KustoIngestor:
             else:
                 self._client = QueuedIngestClient(data_management, auto_correct_endpoint=False)
 
-    def ingest(self, rows: Sequence[dict[str, Any]]) -> None:
+    def ingest(self, rows: Sequence[dict[str, Any]], encoded: bytes | None = None) -> None:
         """Ingest ``rows`` as one operation.
+
+        ``encoded`` is ``encode_rows(rows)`` when the caller has it already (the worker
+        encodes each event once, to size its batches), so it is not encoded twice.
 
         Returns once Kusto has the batch: committed (streaming), or stored in the
         data-management endpoint's blob storage and queued (queued, and managed's
@@ -128,7 +131,7 @@ class KustoIngestor:
         on in ``.show ingestion failures`` and the failed-ingestions queue.
         """
         tag = batch_tag(rows)
-        data = encode_rows(rows)
+        data = encode_rows(rows) if encoded is None else encoded
         body = gzip.compress(data, compresslevel=GZIP_LEVEL)
         properties = IngestionProperties(
             database=self.database,

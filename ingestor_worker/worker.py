@@ -94,7 +94,7 @@ _HINT_BY_CAUSE = {
 
 
 class Ingestor(Protocol):
-    def ingest(self, rows: Sequence[dict[str, Any]]) -> None: ...
+    def ingest(self, rows: Sequence[dict[str, Any]], encoded: bytes | None = None) -> None: ...
 
 
 @dataclass(slots=True)
@@ -106,6 +106,7 @@ class _PendingEvent:
     frames: list[Frame] = field(default_factory=list)
     messages: list[ReceivedMessage] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    encoded: bytes = b""
     size: int = 0
     published_at: float = 0.0
     settled: bool = False
@@ -541,8 +542,10 @@ class Worker:
         try:
             pending.rows = event_rows(event)
             # Encoding here finds an event whose rows cannot become JSON (it would fail
-            # every batch it joins) and gives the exact size for max_batch_bytes.
-            pending.size = len(encode_rows(pending.rows)) + 1
+            # every batch it joins), gives the exact size for max_batch_bytes, and is the
+            # body the batch is ingested with: each event is encoded once.
+            pending.encoded = encode_rows(pending.rows)
+            pending.size = len(pending.encoded) + 1
         except (TypeError, ValueError, OverflowError, OSError) as exc:
             error = EnvelopeError(f"the event's rows cannot be built: {type(exc).__name__}: {exc}")
             self._dead_letter(pending.messages, error.reason, str(error), result)
@@ -606,12 +609,15 @@ class Worker:
 
     def _ingest(self, operation: list[_PendingEvent]) -> int:
         rows = [row for pending in operation for row in pending.rows]
+        encoded = b"\n".join(pending.encoded for pending in operation if pending.encoded)
 
         def attempt() -> None:
             started = time.monotonic()
             try:
                 run_with_timeout(
-                    lambda: self.ingestor.ingest(rows), self.retry.attempt_timeout, self._deadline
+                    lambda: self.ingestor.ingest(rows, encoded),
+                    self.retry.attempt_timeout,
+                    self._deadline,
                 )
             except Exception as exc:
                 self.metrics.attempt(time.monotonic() - started, classify(exc).kind.value)

@@ -60,6 +60,7 @@ from azure.servicebus.exceptions import (
     ServiceBusAuthenticationError,
     ServiceBusAuthorizationError,
 )
+from langgraph.checkpoint.kusto.ingestor_worker.ingest import encode_rows
 from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
 from langgraph.checkpoint.kusto.outbox import (
     MAX_DELIVERY_COUNT_EXCEEDED,
@@ -721,7 +722,9 @@ def test_the_worker_drains_service_bus_unchanged(
     ingested: list[dict[str, Any]] = []
 
     class Collect:
-        def ingest(self, rows: Sequence[dict[str, Any]]) -> None:
+        def ingest(self, rows: Sequence[dict[str, Any]], encoded: bytes | None = None) -> None:
+            # The worker hands over the body it already encoded, byte-equal to the rows.
+            assert encoded == encode_rows(rows)
             ingested.extend(rows)
 
     worker = Worker(queue, Collect(), max_wait=0.5)
