@@ -20,7 +20,7 @@ from langgraph.checkpoint.base import (
     CheckpointTuple,
     DeltaChannelHistory,
 )
-from langgraph.checkpoint.kusto.outbox import OutboxSender, open_queue
+from langgraph.checkpoint.kusto.outbox import OutboxSender, open_sender
 from langgraph.checkpoint.kusto.shared.assembly import StoredCheckpoint, assemble
 from langgraph.checkpoint.kusto.shared.assembly import channel_history as assemble_channel_history
 from langgraph.checkpoint.kusto.shared.envelope import Event
@@ -85,7 +85,7 @@ class KustoSaver(BaseKustoSaver):
         then the local defaults (``langgraph-kusto local up``).
         """
         settings = resolve(queue, cluster, database)
-        outbox = open_queue(settings.queue)
+        outbox = open_sender(settings.queue)
         queries = KustoQueries(settings.cluster, settings.database, credential)
         try:
             yield cls(outbox, queries, consistency=consistency, serde=serde, **options)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
+import sqlite3
 import threading
 import time
 from collections import defaultdict
@@ -20,7 +22,7 @@ from langgraph.checkpoint.kusto.outbox import (
     queue_id,
     replay_message_id,
 )
-from langgraph.checkpoint.kusto.outbox.sqlite import SqliteQueue
+from langgraph.checkpoint.kusto.outbox.sqlite import AsyncSqliteSender, SqliteQueue
 
 
 def msg(message_id: str, session_id: str = "s1", body: bytes | None = None) -> OutboxMessage:
@@ -559,3 +561,81 @@ def test_many_processes_complete_each_message_once_in_session_order(db: Path) ->
     assert all(len(outcome) >= 100 for outcome in outcomes), [len(o) for o in outcomes]
     with SqliteQueue(db) as q:
         assert (q.depth(), q.dead_letter_count()) == (0, 0)
+
+
+# --- the saver's asyncio sender ---------------------------------------------------------------
+
+
+def _hold_write_lock(db: Path) -> sqlite3.Connection:
+    """Another connection (as another process would) holding the queue's write lock."""
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+def test_try_send_refuses_at_once_while_another_connection_holds_the_lock(
+    queue: SqliteQueue, db: Path
+) -> None:
+    holder = _hold_write_lock(db)
+    assert queue.try_send([msg("a")]) is False
+    holder.execute("ROLLBACK")
+    assert queue.depth() == 0
+    assert queue.try_send([msg("a")]) is True
+    assert [m.message_id for m in queue.receive(10, 0)] == ["a"]
+    holder.close()
+
+
+def test_a_send_waits_for_another_connections_lock_then_lands(queue: SqliteQueue, db: Path) -> None:
+    holder = _hold_write_lock(db)
+    sender = threading.Thread(target=queue.send, args=([msg("a")],))
+    sender.start()
+    sender.join(timeout=0.2)
+    assert sender.is_alive()  # still waiting for the lock, not failed
+    holder.execute("COMMIT")
+    sender.join(timeout=10)
+    assert [m.message_id for m in queue.receive(10, 0)] == ["a"]
+    holder.close()
+
+
+async def test_async_sends_of_one_loop_iteration_share_a_transaction(db: Path) -> None:
+    sender = AsyncSqliteSender(SqliteQueue(db))
+    await asyncio.gather(
+        sender.send([msg("a", "s1")]), sender.send([msg("b", "s2"), msg("c", "s2")])
+    )
+    await sender.send([msg("d", "s3")])
+    received = sender.queue.receive(10, 0)
+    times = {m.message_id: m.enqueued_time for m in received}
+    assert times["a"] == times["b"] == times["c"] != times["d"]  # one commit, then another
+    await sender.close()
+
+
+async def test_async_sends_wait_off_the_loop_while_another_process_holds_the_lock(
+    db: Path,
+) -> None:
+    sender = AsyncSqliteSender(SqliteQueue(db))
+    holder = _hold_write_lock(db)
+    sends = asyncio.gather(*(sender.send([msg(f"m{i}", f"s{i}")]) for i in range(5)))
+    ticks = 0
+    while ticks < 50:  # the loop keeps running while the group waits for the lock
+        await asyncio.sleep(0.001)
+        ticks += 1
+    assert not sends.done()
+    holder.execute("COMMIT")
+    await asyncio.wait_for(sends, 10)
+    assert sorted(m.message_id for m in sender.queue.receive(10, 0)) == [f"m{i}" for i in range(5)]
+    holder.close()
+    await sender.close()
+
+
+async def test_a_failing_send_fails_alone_in_its_group(db: Path) -> None:
+    sender = AsyncSqliteSender(SqliteQueue(db))
+    bad = OutboxMessage(b"x", "bad", "s1", {"not json": object()})  # type: ignore[dict-item]
+    results = await asyncio.gather(
+        sender.send([msg("a")]), sender.send([bad]), sender.send([msg("b")]), return_exceptions=True
+    )
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], TypeError)
+    assert sorted(m.message_id for m in sender.queue.receive(10, 0)) == ["a", "b"]
+    with pytest.raises(ValueError, match="message_id must not be empty"):
+        await sender.send([msg("")])
+    await sender.close()

@@ -28,11 +28,13 @@ Rules every backend keeps (``tests/test_queue_contract.py`` holds them to it):
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .sqlite import SqliteQueue
 
 MAX_DELIVERY_COUNT_EXCEEDED = "MaxDeliveryCountExceeded"
 """The dead-letter reason Service Bus uses when delivery count passes the maximum."""
@@ -208,7 +210,17 @@ def open_queue(url: str) -> OutboxQueue:
         from .servicebus import ServiceBusQueue
 
         return ServiceBusQueue.from_url(url)
-    raise ValueError(
+    raise ValueError(_unsupported(url))
+
+
+def _sqlite_sender(url: str) -> SqliteQueue:
+    from .sqlite import SENDER_WAL_AUTOCHECKPOINT, SqliteQueue
+
+    return SqliteQueue.from_url(url, wal_autocheckpoint=SENDER_WAL_AUTOCHECKPOINT)
+
+
+def _unsupported(url: str) -> str:
+    return (
         f"queue URL {redact_queue_url(url)!r} is not supported; expected sqlite:///<path> for "
         "the local queue, sb://<namespace>.servicebus.windows.net/<queue> (Microsoft Entra "
         "ID via DefaultAzureCredential), or a Service Bus connection string with "
@@ -216,24 +228,22 @@ def open_queue(url: str) -> OutboxQueue:
     )
 
 
+def open_sender(url: str) -> OutboxSender:
+    """A sender for ``url`` (a saver's connection: it sends and never receives)."""
+    if url.startswith("sqlite:"):
+        return _sqlite_sender(url)
+    return open_queue(url)
+
+
 def open_async_sender(url: str) -> AsyncOutboxSender:
-    """An ``asyncio`` sender for ``url``: the SDK's ``aio`` client for Service Bus; the
-    SQLite queue's ``send`` runs in a worker thread (it is a short local transaction)."""
+    """An ``asyncio`` sender for ``url``: the SDK's ``aio`` client for Service Bus; for the
+    SQLite queue, ``AsyncSqliteSender``."""
+    if url.startswith("sqlite:"):
+        from .sqlite import AsyncSqliteSender
+
+        return AsyncSqliteSender(_sqlite_sender(url))
     if is_service_bus_url(url):
         from .servicebus import AsyncServiceBusSender
 
         return AsyncServiceBusSender.from_url(url)
-    return ThreadedAsyncSender(open_queue(url))
-
-
-class ThreadedAsyncSender:
-    """``AsyncOutboxSender`` over a blocking ``OutboxSender``, one thread hop per call."""
-
-    def __init__(self, sender: OutboxSender) -> None:
-        self.sender = sender
-
-    async def send(self, messages: Sequence[OutboxMessage]) -> None:
-        await asyncio.to_thread(self.sender.send, messages)
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self.sender.close)
+    raise ValueError(_unsupported(url))

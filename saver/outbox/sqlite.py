@@ -22,16 +22,17 @@ i.e. all of them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import (
@@ -45,13 +46,35 @@ from . import (
     replay_message_id,
 )
 
-__all__ = ["SqliteQueue"]
+__all__ = ["AsyncSqliteSender", "SqliteQueue", "WriteLockBusy"]
 
 BUSY_TIMEOUT_SECONDS = 30.0
 """How long a transaction waits for another process's write lock before giving up."""
 
+LOCK_RETRY_FIRST_DELAY, LOCK_RETRY_MAX_DELAY = 0.00005, 0.002
+"""Backoff while another process holds the write lock. SQLite's own busy handler sleeps
+1, 2, 5, 10 ms... even when the lock frees in microseconds; with a worker settling
+messages a producer met it on ~10% of sends (p90 send 1.7 ms, p99 8 ms)."""
+
+DEFAULT_WAL_AUTOCHECKPOINT = 1_000
+SENDER_WAL_AUTOCHECKPOINT = 10_000
+"""WAL pages after which a commit copies the log back into the database (SQLite's
+``wal_autocheckpoint``). A saver's connection only sends, so it leaves that work to the
+consumers, whose commits do it at the default 1,000 pages: a send's commit drops from
+~140 to ~50 µs next to a busy worker. The larger bound still caps the log when no
+consumer runs."""
+
 POLL_FIRST_DELAY = 0.005
 POLL_MAX_DELAY = 0.05
+
+
+class WriteLockBusy(OutboxError):
+    """Another thread or process holds the queue's write lock (only raised to callers
+    that asked not to wait)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"the write lock of queue file {path} is held")
+
 
 URL_FORM = "sqlite:///relative/path.db or sqlite:////absolute/path.db, optionally ?queue=name"
 
@@ -260,6 +283,7 @@ class SqliteQueue:
         lock_duration: float = 30.0,
         max_delivery_count: int = 10,
         duplicate_detection_window: float = 600.0,
+        wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT,
     ) -> None:
         if sqlite3.sqlite_version_info < (3, 35, 0):
             raise OutboxError(
@@ -281,6 +305,7 @@ class SqliteQueue:
         self.lock_duration = lock_duration
         self.max_delivery_count = max_delivery_count
         self.duplicate_detection_window = duplicate_detection_window
+        self.wal_autocheckpoint = wal_autocheckpoint
         self._consumer_id = uuid.uuid4().hex
         self._lock = threading.Lock()
         self._conn = self._connect()
@@ -293,6 +318,7 @@ class SqliteQueue:
         lock_duration: float = 30.0,
         max_delivery_count: int = 10,
         duplicate_detection_window: float = 600.0,
+        wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT,
     ) -> SqliteQueue:
         """Open the queue a ``sqlite:///path.db[?queue=name]`` URL names.
 
@@ -325,6 +351,7 @@ class SqliteQueue:
             lock_duration=lock_duration,
             max_delivery_count=max_delivery_count,
             duplicate_detection_window=duplicate_detection_window,
+            wal_autocheckpoint=wal_autocheckpoint,
         )
 
     def _connect(self) -> sqlite3.Connection:
@@ -340,32 +367,59 @@ class SqliteQueue:
             # NORMAL in WAL mode: a committed send survives a process crash; only an OS
             # crash or power loss can drop the last transactions (FULL would fsync each commit).
             conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {int(self.wal_autocheckpoint)}")
             conn.execute("BEGIN IMMEDIATE")
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
             conn.execute("COMMIT")
+            # From here on ``_execute`` waits for busy locks itself, at a finer grain.
+            conn.execute("PRAGMA busy_timeout = 0")
         except BaseException:
             conn.close()
             raise
         return conn
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as error:
-                raise OutboxError(
-                    f"Queue file {self.path} stayed locked by another process for "
-                    f"{BUSY_TIMEOUT_SECONDS:.0f}s ({error}). Check for a stuck process holding it."
-                ) from error
+    def _transaction(self, *, wait: bool = True) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction; with ``wait=False``, ``WriteLockBusy`` at
+        once instead of waiting when another thread or process holds the write lock."""
+        if not self._lock.acquire(blocking=wait):
+            raise WriteLockBusy(self.path)
+        try:
+            self._execute("BEGIN IMMEDIATE", wait=wait)
             try:
                 yield self._conn
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+        finally:
+            self._lock.release()
+
+    def _execute(
+        self, statement: str, params: dict[str, object] | None = None, *, wait: bool = True
+    ) -> sqlite3.Cursor:
+        """Execute, retrying at sub-millisecond intervals while another process holds a
+        lock the statement needs (the connection's own busy timeout is 0)."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+        delay = LOCK_RETRY_FIRST_DELAY
+        while True:
+            try:
+                return self._conn.execute(statement, params or {})
+            except sqlite3.OperationalError as error:
+                if error.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                    raise
+                if not wait:
+                    raise WriteLockBusy(self.path) from error
+                if time.monotonic() > deadline:
+                    raise OutboxError(
+                        f"Queue file {self.path} stayed locked by another process for "
+                        f"{BUSY_TIMEOUT_SECONDS:.0f}s ({error}). Check for a stuck process "
+                        "holding it."
+                    ) from error
+            time.sleep(delay)
+            delay = min(delay * 2, LOCK_RETRY_MAX_DELAY)
 
     def _params(self, **values: object) -> dict[str, object]:
         return {"queue": self.queue, "me": self._consumer_id, **values}
@@ -381,12 +435,24 @@ class SqliteQueue:
         Service Bus allows are stored in their ``queue_id`` form, as the Service Bus backend
         sends them.
         """
-        for message in messages:
-            _check_id("message_id", message.message_id)
-            _check_id("session_id", message.session_id)
+        self._send(messages, wait=True)
+
+    def try_send(self, messages: Sequence[OutboxMessage]) -> bool:
+        """``send`` if the write lock is free right now; ``False`` (nothing sent) if not.
+
+        For callers that must not block, such as an event loop's own thread.
+        """
+        try:
+            self._send(messages, wait=False)
+        except WriteLockBusy:
+            return False
+        return True
+
+    def _send(self, messages: Sequence[OutboxMessage], *, wait: bool) -> None:
+        _check_messages(messages)
         if not messages:
             return
-        with self._transaction() as conn:
+        with self._transaction(wait=wait) as conn:
             now = time.time()
             horizon = now - self.duplicate_detection_window
             conn.execute(PRUNE_DEDUP, self._params(horizon=horizon))
@@ -431,7 +497,7 @@ class SqliteQueue:
         # taken only when there is something to lock, so idle polling by consumers does
         # not stall producers in SQLite's busy-wait sleeps.
         with self._lock:
-            if self._conn.execute(ANY_AVAILABLE, self._params(now=time.time())).fetchone() is None:
+            if self._execute(ANY_AVAILABLE, self._params(now=time.time())).fetchone() is None:
                 return []
         received: list[ReceivedMessage] = []
         with self._transaction() as conn:
@@ -599,7 +665,7 @@ class SqliteQueue:
     def list_dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The oldest ``limit`` dead letters of this queue, in the order they died."""
         with self._lock:
-            rows = self._conn.execute(LIST_DEAD_LETTERS, self._params(limit=limit)).fetchall()
+            rows = self._execute(LIST_DEAD_LETTERS, self._params(limit=limit)).fetchall()
         return [
             DeadLetter(
                 body=body,
@@ -669,12 +735,12 @@ class SqliteQueue:
     def depth(self) -> int:
         """Active messages in this queue, locked or not (dead letters excluded)."""
         with self._lock:
-            return int(self._conn.execute(COUNT_MESSAGES, self._params()).fetchone()[0])
+            return int(self._execute(COUNT_MESSAGES, self._params()).fetchone()[0])
 
     def dead_letter_count(self) -> int:
         """Messages in this queue's dead-letter sub-queue."""
         with self._lock:
-            return int(self._conn.execute(COUNT_DEAD_LETTERS, self._params()).fetchone()[0])
+            return int(self._execute(COUNT_DEAD_LETTERS, self._params()).fetchone()[0])
 
     def close(self) -> None:
         """Close the connection; locks this consumer holds expire after ``lock_duration``."""
@@ -694,6 +760,108 @@ class SqliteQueue:
 
     def __repr__(self) -> str:
         return f"SqliteQueue({str(self.path)!r}, queue={self.queue!r})"
+
+
+_Group = list[tuple[Sequence[OutboxMessage], "asyncio.Future[None]"]]
+"""The sends of one group commit, each with the future its caller awaits."""
+
+
+class AsyncSqliteSender:
+    """``AsyncOutboxSender`` over a ``SqliteQueue``, committing in groups.
+
+    Sends made in the same event-loop iteration (LangGraph saves a step's writes and the
+    next checkpoint from concurrent tasks) share one transaction. A transaction is
+    ~70 µs of local I/O, so it runs on the loop's own thread when the write lock is
+    free: handed to a worker thread it would wait for the GIL while the loop is busy (up
+    to the 5 ms switch interval per hand-over; measured p99 8 ms a send). Only when
+    another process holds the lock does the group wait in a worker thread. If a group
+    fails, each send in it is retried alone, so one caller's error is never another's.
+    """
+
+    def __init__(self, queue: SqliteQueue) -> None:
+        self.queue = queue
+        self._group: _Group = []
+
+    async def send(self, messages: Sequence[OutboxMessage]) -> None:
+        _check_messages(messages)
+        if not messages:
+            return
+        loop = asyncio.get_running_loop()
+        if not self._group:
+            loop.call_soon(self._commit_group)
+        done = loop.create_future()
+        self._group.append((messages, done))
+        await done
+
+    def _commit_group(self) -> None:
+        group, self._group = self._group, []
+        messages = [m for part, _ in group for m in part]
+        try:
+            sent = self.queue.try_send(messages)
+        except Exception as error:
+            self._failed(group, error)
+            return
+        if sent:
+            _settle_all(group, None)
+        else:
+            _in_background(self._send_waiting(group, messages))
+
+    async def _send_waiting(self, group: _Group, messages: list[OutboxMessage]) -> None:
+        """The group's transaction in a worker thread, which waits for the write lock."""
+        try:
+            await asyncio.to_thread(self.queue.send, messages)
+        except Exception as error:
+            self._failed(group, error)
+        else:
+            _settle_all(group, None)
+
+    def _failed(self, group: _Group, error: Exception) -> None:
+        if len(group) == 1:
+            _settle(group[0][1], error)
+        else:
+            _in_background(self._send_each(group))
+
+    async def _send_each(self, group: _Group) -> None:
+        for messages, done in group:
+            try:
+                await asyncio.to_thread(self.queue.send, messages)
+            except Exception as error:
+                _settle(done, error)
+            else:
+                _settle(done, None)
+
+    async def close(self) -> None:
+        self.queue.close()
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+"""Strong references to running fallbacks (the loop keeps only weak ones)."""
+
+
+def _in_background(coroutine: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.ensure_future(coroutine)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+def _settle_all(group: _Group, error: BaseException | None) -> None:
+    for _, done in group:
+        _settle(done, error)
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.done():  # its caller was cancelled; the messages were still sent
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
+def _check_messages(messages: Sequence[OutboxMessage]) -> None:
+    for message in messages:
+        _check_id("message_id", message.message_id)
+        _check_id("session_id", message.session_id)
 
 
 def _check_id(name: str, value: str) -> None:
