@@ -74,7 +74,7 @@ from duckdb_kql.server import (
     error_response,
 )
 from duckdb_kql.stored_functions import ResolvedFunctions, StoredFunction, parse_functions
-from duckdb_kql.translate import TYPE_MAP, quote_ident
+from duckdb_kql.translate import CLOCK_SLOT, TYPE_MAP, quote_ident
 from duckdb_kql.translate.functions import SCALAR_FUNCTIONS, FunctionSpec
 from duckdb_kql.types import kusto_type
 
@@ -1103,11 +1103,16 @@ class LocalKustoRestServer(KustoRestServer):
         text = strip_leading_comments(csl).strip()
         if is_control_command(text):
             # A command may change what a cached translation means (tables, functions).
+            # Cleared again afterwards: a query translated while the command ran (between
+            # its locked steps) may have stored a translation of the old schema.
             self._translations.clear()
-            handled = self.management(text, options or {})
-            if handled is not None:
-                return handled
-            return super().run(csl, parameters, database, options)
+            try:
+                handled = self.management(text, options or {})
+                if handled is not None:
+                    return handled
+                return super().run(csl, parameters, database, options)
+            finally:
+                self._translations.clear()
         return self._query(csl, bind_request_parameters(csl, parameters), database, options)
 
     def _query(
@@ -1151,14 +1156,21 @@ class LocalKustoRestServer(KustoRestServer):
                     f"declared query parameters with no value and no default: {', '.join(unbound)}"
                 )
             bound = {slot: value for slot, value in bound.items() if slot in translated.slots}
-            relation = (
-                self._con.sql(str(translated), params=bound)
+            if CLOCK_SLOT in translated.parameters:
+                # A pinned clock (the query_now option, or `set query_now` in the text)
+                # is a parameter of the translation, not of the request.
+                bound[CLOCK_SLOT] = translated.parameters[CLOCK_SLOT]
+            # `execute`, not `sql()`: a relation parses and binds the statement once to
+            # describe itself and again to run, which doubled DuckDB's planning work.
+            cursor = (
+                self._con.execute(str(translated), bound)
                 if bound
-                else self._con.sql(str(translated))
+                else self._con.execute(str(translated))
             )
-            names = list(relation.columns)
-            kinds = [kusto_type(t) for t in relation.types]
-            rows = relation.fetchall()
+            description = cursor.description or []
+            names = [column[0] for column in description]
+            kinds = [kusto_type(column[1]) for column in description]
+            rows = cursor.fetchall()
         return Result(
             [RestColumn.derived(name, kind) for name, kind in zip(names, kinds, strict=True)],
             rows,

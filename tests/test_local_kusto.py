@@ -1127,3 +1127,20 @@ def test_provisioned_functions_are_typed_views_of_the_same_rules(
         ]
     finally:
         kusto.close()
+
+
+# ---------------------------------------------------------------------------
+# Pinned clock
+# ---------------------------------------------------------------------------
+
+
+def test_query_now_pins_the_clock(server: LocalKustoServer) -> None:
+    """Kusto's ``query_now`` request option (and ``set query_now``) fixes ``now()``;
+    the translation carried the pinned value but the server did not bind it."""
+    rest = server.rest_server
+    options = {"query_now": "2024-01-01T00:00:00Z"}
+    assert rest.run("print now()", None, DB, options).rows == [(dt.datetime(2024, 1, 1),)]
+    options = {"query_now": "2024-01-02T00:00:00Z"}
+    assert rest.run("print now()", None, DB, options).rows == [(dt.datetime(2024, 1, 2),)]
+    pinned = "set query_now = datetime(2024-03-01);\nprint now()"
+    assert rest.run(pinned, None, DB, {}).rows == [(dt.datetime(2024, 3, 1),)]
