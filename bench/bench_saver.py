@@ -6,6 +6,12 @@ Prints per-operation microseconds for put, put_writes, get_tuple (cache hit and 
 list, and a real agent graph's steps/s with the no-checkpointer ceiling, then the ratios
 the project targets. Ours runs in ``session`` mode with a worker ingesting in the
 background; "miss" reads come from a fresh ``eventual`` saver (Kusto only).
+AsyncPostgresSaver runs on a throwaway local server when PostgreSQL is installed
+(``bench/postgres_peer.py``).
+
+The local Kusto server and the worker run as their own processes at a lower CPU priority
+(nice 10): deployed, they run on other machines, while here they share the two cores
+with the app being measured.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import operator
+import os
 import shutil
 import signal
 import statistics
@@ -33,6 +40,7 @@ from langgraph.checkpoint.kusto.schema import provision_commands
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from langgraph.graph import END, START, StateGraph
+from postgres_peer import postgres_saver
 
 DATABASE = "langgraph"
 CLI = "langgraph.checkpoint.kusto.ingestor_worker.cli"
@@ -143,20 +151,31 @@ async def steps_per_second(checkpointer: Any, runs: int, *, threads: int | None)
 
     ``threads=None``: every run starts a new thread, so a saver's first read of it misses
     (for ours, a KQL round trip). Otherwise runs continue ``threads`` conversations, as
-    a chat app does: the thread's state is in the saver's cache after its first turn.
+    a chat app does: each conversation has had one (untimed) turn before the clock starts,
+    so what is timed is later turns, whose state the saver already holds.
     """
     app = agent_graph(checkpointer)
-    steps = 0
     stamp = time.time_ns()
-    start = time.perf_counter()
-    for i in range(runs):
-        thread = f"graph-{stamp}-{i if threads is None else i % threads}"
-        config = {"configurable": {"thread_id": thread}}
+
+    async def turn(thread: int) -> int:
+        config = {"configurable": {"thread_id": f"graph-{stamp}-{thread}"}}
         result = await app.ainvoke(
             {"messages": [{"role": "user", "content": "go"}], "turns": 0}, config
         )
-        steps += result["turns"] * 2
+        return int(result["turns"]) * 2
+
+    if threads is not None:
+        for thread in range(threads):
+            await turn(thread)
+    steps = 0
+    start = time.perf_counter()
+    for i in range(runs):
+        steps += await turn(i if threads is None else i % threads)
     return steps / (time.perf_counter() - start)
+
+
+def _lower_priority() -> None:
+    os.nice(10)
 
 
 @asynccontextmanager
@@ -168,6 +187,7 @@ async def local_stack(root: Path) -> AsyncIterator[tuple[str, str]]:
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        preexec_fn=_lower_priority,
     )
     processes = [server]
     try:
@@ -195,6 +215,7 @@ async def local_stack(root: Path) -> AsyncIterator[tuple[str, str]]:
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                preexec_fn=_lower_priority,
             )
         )
         yield queue_url, cluster
@@ -244,10 +265,17 @@ async def main() -> None:
             new_thread_steps["AsyncKustoSaver"] = await steps_per_second(
                 ours, args.runs, threads=None
             )
-        if shutil.which("pg_ctl") is None:
-            print(
-                "AsyncPostgresSaver: not measured (no PostgreSQL server binary on this machine)\n"
-            )
+        async with postgres_saver(root) as postgres:
+            if isinstance(postgres, str):
+                print(postgres + "\n")
+            else:
+                rows["AsyncPostgresSaver"] = await measure(postgres, postgres, args.ops)
+                steps["AsyncPostgresSaver"] = await steps_per_second(
+                    postgres, args.runs, threads=10
+                )
+                new_thread_steps["AsyncPostgresSaver"] = await steps_per_second(
+                    postgres, args.runs, threads=None
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -40,7 +40,7 @@ from langgraph.checkpoint.kusto.shared.ids import EventIds, SequenceClock
 from langgraph.checkpoint.kusto.shared.rows import StoredValue
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
-from .cache import ReadCache
+from .cache import ReadCache, Snapshot
 from .queries import Query, ingested_events, select_checkpoints
 
 
@@ -98,6 +98,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         self.cache: ReadCache | None = None
         if self.consistency is Consistency.SESSION:
             self.cache = ReadCache(
+                snapshot=self._snapshot,
                 **{
                     k: v
                     for k, v in (
@@ -105,7 +106,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
                         ("max_bytes", cache_max_bytes),
                     )
                     if v is not None
-                }
+                },
             )
         self._clock = SequenceClock()
         self._event_ids = EventIds()
@@ -364,10 +365,34 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         checkpoint_ns = configurable.get("checkpoint_ns") or ""
         checkpoint_id = get_checkpoint_id(config)
         if checkpoint_id:
-            stored = self.cache.get((thread_id, checkpoint_ns, checkpoint_id))
+            found = self.cache.get((thread_id, checkpoint_ns, checkpoint_id))
         else:
-            stored = self.cache.latest(thread_id, checkpoint_ns)
-        return None if stored is None else self._to_tuple(stored)
+            found = self.cache.latest(thread_id, checkpoint_ns)
+        if found is None:
+            return None
+        if isinstance(found, StoredCheckpoint):
+            return self._to_tuple(found)
+        fields = self.serde.loads_typed(found)
+        if fields[4]:  # pending writes decode as lists; LangGraph's are tuples
+            fields[4] = [tuple(write) for write in fields[4]]
+        return CheckpointTuple._make(fields)
+
+    def _snapshot(self, stored: StoredCheckpoint) -> Snapshot | None:
+        """The whole tuple as one serde value, so a cache hit is one decode (and hands out
+        objects nobody else holds). ``None`` if the serde cannot encode it as a whole."""
+        found = self._to_tuple(stored)
+        try:
+            return self.serde.dumps_typed(
+                [
+                    found.config,
+                    found.checkpoint,
+                    found.metadata,
+                    found.parent_config,
+                    found.pending_writes,
+                ]
+            )
+        except Exception:  # any serde's refusal: serve this entry value by value instead
+            return None
 
     @staticmethod
     def _tuple_query(config: RunnableConfig) -> Query:

@@ -1,7 +1,10 @@
 """The read cache: read-your-writes for ``session`` consistency, bounded in entries and bytes.
 
 It holds what this process wrote, in serialized form, so every read hands out fresh
-objects. Eviction is least-recently-used. Evicting an entry whose events Kusto has not
+objects. The first read of an entry also stores a *snapshot*: the whole checkpoint tuple
+serialized as one value by the saver, so later reads are a single decode.
+
+Eviction is least-recently-used. Evicting an entry whose events Kusto has not
 confirmed yet would let a later read return older state than this process wrote, so the
 cache remembers such keys (a few bytes each) as *awaited*: a read of them first waits
 until Kusto has ingested those events. Kusto confirms events in bulk (``confirm``).
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from langgraph.checkpoint.kusto.shared.assembly import (
@@ -32,6 +35,9 @@ CPython 3.11 with small metadata: ~1.2 KB per entry plus ~0.4 KB per distinct bl
 BLOB_OVERHEAD_BYTES = 400
 
 _WriteSlots = dict[tuple[str, int], StoredWrite]
+Snapshot = tuple[str, bytes]
+"""A whole checkpoint tuple as one ``(type, bytes)`` value of the saver's serde."""
+SnapshotFunction = Callable[[StoredCheckpoint], Snapshot | None]
 _BlobRef = tuple[str, str, str, str]
 """(thread_id, checkpoint_ns, channel, version): blobs are shared by the checkpoints
 that reference them, as in the official savers, and counted once."""
@@ -43,18 +49,23 @@ class _Entry:
     event_ids: set[str]
     size: int
     pending_writes: _WriteSlots = field(default_factory=dict)
+    snapshot: Snapshot | None = None
 
 
 class ReadCache:
     """Thread-safe. Every operation is O(1) amortized or O(entries of one thread)."""
 
     def __init__(
-        self, max_entries: int = DEFAULT_MAX_ENTRIES, max_bytes: int = DEFAULT_MAX_BYTES
+        self,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        snapshot: SnapshotFunction | None = None,
     ) -> None:
         if max_entries < 1 or max_bytes < 1:
             raise ValueError("cache bounds must be positive")
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        self._snapshot = snapshot
         self._entries: OrderedDict[CheckpointKey, _Entry] = OrderedDict()
         self._latest: dict[tuple[str, str], str] = {}
         self._blobs: dict[_BlobRef, tuple[StoredValue, int]] = {}
@@ -141,6 +152,7 @@ class ReadCache:
                 event_ids.add(event_id)
                 add_writes(slots, writes)
                 return
+            self._drop_snapshot(entry)
             added = add_writes(entry.pending_writes, writes)
             entry.size += added
             self._bytes += added
@@ -179,21 +191,22 @@ class ReadCache:
 
     # -- reads --------------------------------------------------------------
 
-    def get(self, key: CheckpointKey) -> StoredCheckpoint | None:
+    def get(self, key: CheckpointKey) -> Snapshot | StoredCheckpoint | None:
+        """The entry's snapshot (made on first read) or, without one, its stored form."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 return None
             self._entries.move_to_end(key)
-            return self._merged(entry)
+            return self._read(entry)
 
-    def latest(self, thread_id: str, checkpoint_ns: str) -> StoredCheckpoint | None:
+    def latest(self, thread_id: str, checkpoint_ns: str) -> Snapshot | StoredCheckpoint | None:
         with self._lock:
             checkpoint_id = self._latest.get((thread_id, checkpoint_ns))
             if checkpoint_id is None:
                 return None
             entry = self._entries.get((thread_id, checkpoint_ns, checkpoint_id))
-            return None if entry is None else self._merged(entry)
+            return None if entry is None else self._read(entry)
 
     def of_thread(self, thread_id: str | None) -> list[StoredCheckpoint]:
         with self._lock:
@@ -329,6 +342,27 @@ class ReadCache:
         if value is not None:
             self._bytes += len(value.data) - len(held[0].data)
         self._blobs[ref] = (value or held[0], held[1] + 1)
+
+    def _read(self, entry: _Entry) -> Snapshot | StoredCheckpoint:
+        if entry.snapshot is not None:
+            return entry.snapshot
+        merged = self._merged(entry)
+        if self._snapshot is None:
+            return merged
+        snapshot = self._snapshot(merged)
+        if snapshot is None:
+            return merged
+        entry.snapshot = snapshot
+        entry.size += len(snapshot[1])
+        self._bytes += len(snapshot[1])
+        self._evict()
+        return snapshot
+
+    def _drop_snapshot(self, entry: _Entry) -> None:
+        if entry.snapshot is not None:
+            entry.size -= len(entry.snapshot[1])
+            self._bytes -= len(entry.snapshot[1])
+            entry.snapshot = None
 
     def _merged(self, entry: _Entry) -> StoredCheckpoint:
         checkpoint = entry.checkpoint

@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 from langgraph.checkpoint.base import empty_checkpoint
-from langgraph.checkpoint.kusto import IngestionTimeoutError, KustoSaver
+from langgraph.checkpoint.kusto import AsyncKustoSaver, IngestionTimeoutError, KustoSaver
 from langgraph.checkpoint.kusto.cache import BLOB_OVERHEAD_BYTES, ENTRY_OVERHEAD_BYTES, ReadCache
 from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor
 from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
 from langgraph.checkpoint.kusto.outbox import open_queue
-from langgraph.checkpoint.kusto.shared.assembly import StoredCheckpoint
+from langgraph.checkpoint.kusto.shared.assembly import StoredCheckpoint, StoredWrite
 from langgraph.checkpoint.kusto.shared.rows import StoredValue
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
 
 def _stored(thread: str, checkpoint_id: str, size: int = 10) -> StoredCheckpoint:
@@ -193,3 +194,56 @@ def test_memory_stays_under_the_cache_bound_over_100k_checkpoints(
     # Measured here: peak 24.5 MB for a 16 MB bound (7.7 MB over it).
     fixed_overhead = 12 * 1024 * 1024
     assert report["peak_traced"] <= max_bytes + fixed_overhead, report
+
+
+def test_snapshot_is_made_once_counted_and_remade_after_new_writes() -> None:
+    made: list[int] = []
+
+    def snapshot(stored: StoredCheckpoint) -> tuple[str, bytes]:
+        made.append(len(stored.writes))
+        return ("writes", str(len(stored.writes)).encode() * 100)
+
+    cache = ReadCache(snapshot=snapshot)
+    cache.put(_stored("a", "1"), "ev-a", 1)
+    before = cache.size_bytes
+    assert cache.get(("a", "", "1")) == ("writes", b"0" * 100)
+    assert cache.latest("a", "") == ("writes", b"0" * 100)
+    assert made == [0] and cache.size_bytes == before + 100
+    write = StoredWrite("task", "", 0, "v", StoredValue("ev-w", 2, "bytes", b"w"))
+    cache.put_writes(("a", "", "1"), [write], "ev-w", 2)
+    assert cache.get(("a", "", "1")) == ("writes", b"1" * 100)
+    assert made == [0, 1] and cache.size_bytes == before + len(b"w") + 100
+
+
+def test_without_a_snapshot_the_stored_form_is_served() -> None:
+    cache = ReadCache(snapshot=lambda stored: None)
+    cache.put(_stored("a", "1"), "ev-a", 1)
+    found = cache.get(("a", "", "1"))
+    assert isinstance(found, StoredCheckpoint) and found.checkpoint_id == "1"
+
+
+async def test_a_tuple_the_serde_cannot_encode_whole_is_served_value_by_value(
+    tmp_path: Path,
+) -> None:
+    class RefusesWholeTuples(JsonPlusSerializer):
+        def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+            if isinstance(obj, list) and len(obj) == 5:
+                raise TypeError("not as a whole")
+            return super().dumps_typed(obj)
+
+    async with AsyncKustoSaver.from_conn_string(
+        f"sqlite:///{tmp_path / 'q.db'}", "http://127.0.0.1:9", serde=RefusesWholeTuples()
+    ) as saver:
+        checkpoint = empty_checkpoint()
+        checkpoint["channel_values"] = {"v": [1]}
+        checkpoint["channel_versions"] = {"v": "1"}
+        config = await saver.aput(
+            {"configurable": {"thread_id": "t", "checkpoint_ns": ""}},
+            checkpoint,
+            {},
+            {"v": "1"},
+        )
+        for _ in range(2):
+            found = await saver.aget_tuple(config)
+            assert found is not None and found.checkpoint["channel_values"] == {"v": [1]}
+            found.checkpoint["channel_values"]["v"].append(2)

@@ -261,26 +261,30 @@ async def test_cached_reads_hand_out_fresh_objects(stack: Any) -> None:
     ) as saver:
         _checkpoint_values = {"messages": ["hello"], "nested": {"k": [1, 2]}}
         checkpoint = _checkpoint(copy.deepcopy(_checkpoint_values))
-        await saver.aput(
+        written = await saver.aput(
             {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
             checkpoint,
             {"step": 0, "tags": ["a"]},
             checkpoint["channel_versions"],
         )
-        first = await saver.aget_tuple(config)
-        assert first is not None
-        first.checkpoint["channel_values"]["messages"].append("mutated")
-        first.checkpoint["channel_values"]["nested"]["k"].clear()
-        first.checkpoint["channel_versions"]["messages"] = "999"
-        first.metadata["tags"].append("mutated")
-        second = await saver.aget_tuple(config)
-        assert second is not None
-        assert second.checkpoint["channel_values"] == {
-            "messages": ["hello"],
-            "nested": {"k": [1, 2]},
-        }
-        assert second.checkpoint["channel_versions"] == checkpoint["channel_versions"]
-        assert second.metadata["tags"] == ["a"]
+        await saver.aput_writes(written, [("messages", {"note": ["w"]})], "task-1")
+        expected = await saver.aget_tuple(config)
+        assert expected is not None
+        assert expected.checkpoint["channel_values"] == _checkpoint_values
+        assert expected.metadata["tags"] == ["a"]
+        expected = copy.deepcopy(expected)
+        # The first read makes the cache's snapshot; later reads decode it: mutate both.
+        for _ in range(3):
+            found = await saver.aget_tuple(config)
+            assert found == expected
+            assert found.pending_writes[0] == ("task-1", "messages", {"note": ["w"]})
+            found.checkpoint["channel_values"]["messages"].append("mutated")
+            found.checkpoint["channel_values"]["nested"]["k"].clear()
+            found.checkpoint["channel_versions"]["messages"] = "999"
+            found.metadata["tags"].append("mutated")
+            found.config["configurable"]["checkpoint_id"] = "other"
+            found.pending_writes[0][2]["note"].append("mutated")
+            found.pending_writes.clear()
 
 
 def test_with_allowlist_returns_a_working_saver(stack: Any) -> None:
