@@ -22,6 +22,7 @@ from langgraph.checkpoint.kusto.outbox import (
     queue_id,
     replay_message_id,
 )
+from langgraph.checkpoint.kusto.outbox import sqlite as sqlite_queue
 from langgraph.checkpoint.kusto.outbox.sqlite import AsyncSqliteSender, SqliteQueue
 
 
@@ -297,6 +298,18 @@ def test_duplicate_message_id_dropped_within_window_accepted_after(db: Path) -> 
         assert q.depth() == 2
         bodies = {m.body for m in q.receive(5, 0)}
         assert bodies == {b"after window"}  # "b" is still locked; the new "a" arrived
+
+
+def test_expired_duplicate_detection_ids_are_deleted(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_queue, "DEDUP_PRUNE_INTERVAL", 0.2)
+    with SqliteQueue(db, duplicate_detection_window=0.1) as q:
+        q.send([msg(f"m{i}") for i in range(50)])
+        time.sleep(0.25)
+        q.send([msg("late")])
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT message_id FROM outbox_dedup").fetchall() == [("late",)]
 
 
 def test_duplicate_detection_is_per_queue_and_queues_share_a_file(db: Path) -> None:
