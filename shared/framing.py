@@ -44,7 +44,9 @@ def split_frames(event_id: str, envelope: bytes, max_message_bytes: int) -> list
     room = max_message_bytes - FRAME_OVERHEAD_BYTES - len(event_id.encode())
     if room <= 0:
         raise ValueError(f"max_message_bytes={max_message_bytes} leaves no room for data")
-    slices = [envelope[i : i + room] for i in range(0, len(envelope), room)] or [b""]
+    if len(envelope) <= room:  # the common case: one frame, and no copy of the bytes
+        return [Frame(event_id, 0, 1, envelope)]
+    slices = [envelope[i : i + room] for i in range(0, len(envelope), room)]
     return [Frame(event_id, i, len(slices), part) for i, part in enumerate(slices)]
 
 
