@@ -21,6 +21,8 @@ let Deletes = Scope
     | summarize DeletedSeq = max(EventSeq) by ThreadId;
 let Live = Scope
     | where all_namespaces or CheckpointNs == checkpoint_ns
+    | project RowId, EventSeq, RowKind, ThreadId, CheckpointNs, CheckpointId, Chunk, RunId,
+        ParentCheckpointId, MetadataPairs, BlobKeys, BlobKey, Channel
     | join kind=leftouter Deletes on ThreadId
     | where isnull(DeletedSeq) or EventSeq > DeletedSeq
     | project-away ThreadId1, DeletedSeq;
@@ -31,13 +33,15 @@ let Prunes = Scope
     | where RowKind == "prune"
     | summarize PruneSeq = max(EventSeq), Kept = make_set(CheckpointId)
         by ThreadId, CheckpointNs, EventId;
-let Pruned = Live
+let Heads = Live
     | where RowKind == "checkpoint" and Chunk == 0
+    | project ThreadId, CheckpointNs, CheckpointId, EventSeq, RunId, ParentCheckpointId,
+        MetadataPairs, BlobKeys;
+let Pruned = Heads
     | join kind=inner Prunes on ThreadId, CheckpointNs
     | where EventSeq < PruneSeq and not(set_has_element(Kept, CheckpointId))
     | summarize by ThreadId, CheckpointNs, CheckpointId;
-let Checkpoints = Live
-    | where RowKind == "checkpoint" and Chunk == 0
+let Checkpoints = Heads
     | join kind=leftouter RunDeletes on RunId
     | where isnull(RunDeletedSeq) or EventSeq > RunDeletedSeq
     | join kind=leftanti Pruned on ThreadId, CheckpointNs, CheckpointId
@@ -45,7 +49,15 @@ let Checkpoints = Live
 """Checkpoints a reader may see: not deleted with their thread or run, not pruned.
 
 Deletes hide by sequence, not by arrival: a write published before a delete stays
-hidden even when it is ingested after it."""
+hidden even when it is ingested after it.
+
+``Live`` (the rows of the scope not hidden by a thread delete) and everything built on it
+carry only the key columns the selection needs, never ``Payload``: the queries first pick
+the ``RowId`` of every row they return, then fetch the full rows from ``Scope`` once.
+Rows sharing a ``RowId`` are copies of one row (``RowId`` is the event id and the row's
+index in it), so a copy found in ``Scope`` is the very row selected in ``Live``; the final
+``arg_max(EventSeq, *) by RowId`` keeps one of them. Joins that only test membership are
+``leftsemi``: each left row once, however many right rows match."""
 
 SELECT_CHECKPOINTS = """\
 {visible}
@@ -56,31 +68,32 @@ let Target = Checkpoints
     | top {limit} by CheckpointId desc;
 let TargetRows = Live
     | where RowKind in ("checkpoint", "write")
-    | join kind=inner Target on ThreadId, CheckpointNs, CheckpointId
-    | project-away ThreadId1, CheckpointNs1, CheckpointId1;
+    | join kind=leftsemi Target on ThreadId, CheckpointNs, CheckpointId;
 let Keys = TargetRows
     | where RowKind == "checkpoint"
-    | mv-expand BlobKey = BlobKeys
-    | summarize by ThreadId, CheckpointNs, BlobKey = tostring(BlobKey);
+    | project ThreadId, CheckpointNs, BlobKeys
+    | mv-expand BlobKey = BlobKeys to typeof(string);
 let BlobRows = Live
     | where RowKind == "blob"
-    | join kind=inner Keys on ThreadId, CheckpointNs, BlobKey
-    | project-away ThreadId1, CheckpointNs1, BlobKey1;
-union TargetRows, BlobRows
+    | join kind=leftsemi Keys on ThreadId, CheckpointNs, BlobKey;
+let Wanted = union TargetRows, BlobRows
+    | project RowId;
+Scope
+| join kind=leftsemi Wanted on RowId
 | summarize arg_max(EventSeq, *) by RowId"""
 
 CHANNEL_HISTORY = """\
 {visible}
 let Chain = Live
-    | where RowKind == "checkpoint"
-    | join kind=inner Checkpoints on ThreadId, CheckpointNs, CheckpointId
-    | where Chunk == 0
-    | project-away ThreadId1, CheckpointNs1, CheckpointId1, ParentCheckpointId1,
-        MetadataPairs1, BlobKeys1
-    | extend Payload = "";
+    | where RowKind == "checkpoint" and Chunk == 0
+    | join kind=leftsemi Checkpoints on ThreadId, CheckpointNs, CheckpointId;
 let ChannelRows = Live
     | where RowKind in ("blob", "write") and Channel in ({channels});
-union Chain, ChannelRows
+let Wanted = union Chain, ChannelRows
+    | project RowId;
+Scope
+| join kind=leftsemi Wanted on RowId
+| extend Payload = iff(RowKind == "checkpoint", "", Payload)
 | summarize arg_max(EventSeq, *) by RowId"""
 """One round trip for ``get_delta_channel_history``: the thread's visible checkpoint
 skeletons (parents and blob keys, no payload) plus every blob and write of the channels
