@@ -38,6 +38,8 @@ _WriteSlots = dict[tuple[str, int], StoredWrite]
 Snapshot = tuple[str, bytes]
 """A whole checkpoint tuple as one ``(type, bytes)`` value of the saver's serde."""
 SnapshotFunction = Callable[[StoredCheckpoint], Snapshot | None]
+_NO_SNAPSHOT: Snapshot = ("", b"")
+"""Marks an entry the snapshot function declined, so it is not asked again."""
 _BlobRef = tuple[str, str, str, str]
 """(thread_id, checkpoint_ns, channel, version): blobs are shared by the checkpoints
 that reference them, as in the official savers, and counted once."""
@@ -344,19 +346,16 @@ class ReadCache:
         self._blobs[ref] = (value or held[0], held[1] + 1)
 
     def _read(self, entry: _Entry) -> Snapshot | StoredCheckpoint:
-        if entry.snapshot is not None:
-            return entry.snapshot
-        merged = self._merged(entry)
-        if self._snapshot is None:
-            return merged
-        snapshot = self._snapshot(merged)
-        if snapshot is None:
-            return merged
-        entry.snapshot = snapshot
-        entry.size += len(snapshot[1])
-        self._bytes += len(snapshot[1])
-        self._evict()
-        return snapshot
+        if entry.snapshot is None and self._snapshot is not None:
+            merged = self._merged(entry)
+            entry.snapshot = self._snapshot(merged) or _NO_SNAPSHOT
+            entry.size += len(entry.snapshot[1])
+            self._bytes += len(entry.snapshot[1])
+            self._evict()
+            return merged if entry.snapshot is _NO_SNAPSHOT else entry.snapshot
+        if entry.snapshot is None or entry.snapshot is _NO_SNAPSHOT:
+            return self._merged(entry)
+        return entry.snapshot
 
     def _drop_snapshot(self, entry: _Entry) -> None:
         if entry.snapshot is not None:

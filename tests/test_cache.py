@@ -215,11 +215,18 @@ def test_snapshot_is_made_once_counted_and_remade_after_new_writes() -> None:
     assert made == [0, 1] and cache.size_bytes == before + len(b"w") + 100
 
 
-def test_without_a_snapshot_the_stored_form_is_served() -> None:
-    cache = ReadCache(snapshot=lambda stored: None)
+def test_without_a_snapshot_the_stored_form_is_served_and_not_asked_again() -> None:
+    asked: list[str] = []
+
+    def decline(stored: StoredCheckpoint) -> None:
+        asked.append(stored.checkpoint_id)
+
+    cache = ReadCache(snapshot=decline)
     cache.put(_stored("a", "1"), "ev-a", 1)
-    found = cache.get(("a", "", "1"))
-    assert isinstance(found, StoredCheckpoint) and found.checkpoint_id == "1"
+    for _ in range(3):
+        found = cache.get(("a", "", "1"))
+        assert isinstance(found, StoredCheckpoint) and found.checkpoint_id == "1"
+    assert asked == ["1"]
 
 
 async def test_a_tuple_the_serde_cannot_encode_whole_is_served_value_by_value(
