@@ -765,6 +765,36 @@ def test_async_sender_publishes_over_the_wire(broker: AmqpTestBroker) -> None:
     assert [(m.message_id, m.body_bytes) for m in broker.active(name)] == [("a", b"a"), ("b", b"b")]
 
 
+def test_async_sends_made_together_share_a_round_trip_and_fail_alone(
+    broker: AmqpTestBroker,
+) -> None:
+    name = _broker_queue(broker, max_message_size=STANDARD)
+
+    async def publish() -> list[Any]:
+        sender = open_async_sender(broker.connection_string(name))
+        try:
+            await sender.send([OutboxMessage(b"warm-up", "w", "s0")])
+            before = broker.transfers(name)
+            await asyncio.gather(
+                sender.send([OutboxMessage(b"put", "p", "s1")]),
+                sender.send([OutboxMessage(b"writes", "w1", "s1")]),
+            )
+            assert broker.transfers(name) == before + 1  # one batch: same session, one trip
+            return await asyncio.gather(
+                sender.send([OutboxMessage(b"a", "a", "s2")]),
+                sender.send([OutboxMessage(b"y" * STANDARD, "big", "s2")]),
+                sender.send([OutboxMessage(b"b", "b", "s2")]),
+                return_exceptions=True,
+            )
+        finally:
+            await sender.close()
+
+    results = asyncio.run(publish())
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], MessageTooLargeError)
+    assert [m.message_id for m in broker.active(name)] == ["w", "p", "w1", "a", "b"]
+
+
 def test_an_unknown_queue_says_what_to_do(sb: Callable[..., ServiceBusQueue]) -> None:
     queue = sb("missing")
     with pytest.raises(OutboxError, match="Create the queue with sessions enabled"):

@@ -99,6 +99,7 @@ from . import (
     redact_queue_url,
     replay_message_id,
 )
+from .grouping import SendGroups, failed, in_background, settle
 
 __all__ = [
     "AsyncServiceBusSender",
@@ -935,7 +936,11 @@ def _close_quietly(handler: ServiceBusReceiver | ServiceBusSender) -> None:
 
 
 class AsyncServiceBusSender:
-    """``AsyncOutboxSender`` on ``azure.servicebus.aio``: the same packing as the sync queue."""
+    """``AsyncOutboxSender`` on ``azure.servicebus.aio``: the same packing as the sync queue.
+
+    Sends commit in groups (``grouping``): those made while a group is on the wire go
+    out together next, so a step's writes and its checkpoint cost one round trip.
+    """
 
     def __init__(
         self, settings: ServiceBusSettings, *, credential: Any | None = None, **client_options: Any
@@ -951,6 +956,8 @@ class AsyncServiceBusSender:
         self._lock = asyncio.Lock()
         self._sender: AsyncSdkSender | None = None
         self._limits: SizeLimits | None = None
+        self._groups = SendGroups()
+        self._committing = False
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> AsyncServiceBusSender:
@@ -962,9 +969,33 @@ class AsyncServiceBusSender:
 
     async def send(self, messages: Sequence[OutboxMessage]) -> None:
         """As ``ServiceBusQueue.send``."""
-        outgoing = [to_service_bus_message(m) for m in messages]
-        if not outgoing:
+        if not messages:
             return
+        done = self._groups.add(messages)
+        if not self._committing:
+            self._committing = True
+            in_background(self._commit_groups())
+        await done
+
+    async def _commit_groups(self) -> None:
+        try:
+            while self._groups:
+                group, messages = self._groups.take()
+                try:
+                    await self._send_now(messages)
+                except asyncio.CancelledError:
+                    for _, done in group:
+                        done.cancel()
+                    raise
+                except Exception as error:
+                    await failed(group, error, self._send_now)
+                else:
+                    settle(group, None)
+        finally:
+            self._committing = False
+
+    async def _send_now(self, messages: Sequence[OutboxMessage]) -> None:
+        outgoing = [to_service_bus_message(m) for m in messages]
         async with self._lock:
             try:
                 limits = await self._size_limits()

@@ -28,11 +28,11 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import (
@@ -45,6 +45,7 @@ from . import (
     queue_id,
     replay_message_id,
 )
+from .grouping import Group, SendGroups, failed, in_background, settle
 
 __all__ = ["AsyncSqliteSender", "SqliteQueue", "WriteLockBusy"]
 
@@ -773,100 +774,54 @@ class SqliteQueue:
         return f"SqliteQueue({str(self.path)!r}, queue={self.queue!r})"
 
 
-_Group = list[tuple[Sequence[OutboxMessage], "asyncio.Future[None]"]]
-"""The sends of one group commit, each with the future its caller awaits."""
-
-
 class AsyncSqliteSender:
-    """``AsyncOutboxSender`` over a ``SqliteQueue``, committing in groups.
+    """``AsyncOutboxSender`` over a ``SqliteQueue``, committing in groups (``grouping``).
 
-    Sends made in the same event-loop iteration (LangGraph saves a step's writes and the
-    next checkpoint from concurrent tasks) share one transaction. A transaction is
-    ~70 µs of local I/O, so it runs on the loop's own thread when the write lock is
-    free: handed to a worker thread it would wait for the GIL while the loop is busy (up
-    to the 5 ms switch interval per hand-over; measured p99 8 ms a send). Only when
-    another process holds the lock does the group wait in a worker thread. If a group
-    fails, each send in it is retried alone, so one caller's error is never another's.
+    A group is the sends of one event-loop iteration. Its transaction is ~70 µs of local
+    I/O, so it runs on the loop's own thread when the write lock is free: handed to a
+    worker thread it would wait for the GIL while the loop is busy (up to the 5 ms switch
+    interval per hand-over; measured p99 8 ms a send). Only when another process holds
+    the lock does the group wait in a worker thread.
     """
 
     def __init__(self, queue: SqliteQueue) -> None:
         self.queue = queue
-        self._group: _Group = []
+        self._groups = SendGroups()
 
     async def send(self, messages: Sequence[OutboxMessage]) -> None:
         _check_messages(messages)
         if not messages:
             return
-        loop = asyncio.get_running_loop()
-        if not self._group:
-            loop.call_soon(self._commit_group)
-        done = loop.create_future()
-        self._group.append((messages, done))
-        await done
+        if not self._groups:
+            asyncio.get_running_loop().call_soon(self._commit_group)
+        await self._groups.add(messages)
 
     def _commit_group(self) -> None:
-        group, self._group = self._group, []
-        messages = [m for part, _ in group for m in part]
+        group, messages = self._groups.take()
         try:
             sent = self.queue.try_send(messages)
         except Exception as error:
-            self._failed(group, error)
+            in_background(failed(group, error, self._send_in_thread))
             return
         if sent:
-            _settle_all(group, None)
+            settle(group, None)
         else:
-            _in_background(self._send_waiting(group, messages))
+            in_background(self._send_waiting(group, messages))
 
-    async def _send_waiting(self, group: _Group, messages: list[OutboxMessage]) -> None:
-        """The group's transaction in a worker thread, which waits for the write lock."""
+    async def _send_waiting(self, group: Group, messages: list[OutboxMessage]) -> None:
         try:
-            await asyncio.to_thread(self.queue.send, messages)
+            await self._send_in_thread(messages)
         except Exception as error:
-            self._failed(group, error)
+            await failed(group, error, self._send_in_thread)
         else:
-            _settle_all(group, None)
+            settle(group, None)
 
-    def _failed(self, group: _Group, error: Exception) -> None:
-        if len(group) == 1:
-            _settle(group[0][1], error)
-        else:
-            _in_background(self._send_each(group))
-
-    async def _send_each(self, group: _Group) -> None:
-        for messages, done in group:
-            try:
-                await asyncio.to_thread(self.queue.send, messages)
-            except Exception as error:
-                _settle(done, error)
-            else:
-                _settle(done, None)
+    async def _send_in_thread(self, messages: Sequence[OutboxMessage]) -> None:
+        """A worker thread waits for the write lock, not the loop."""
+        await asyncio.to_thread(self.queue.send, messages)
 
     async def close(self) -> None:
         self.queue.close()
-
-
-_BACKGROUND: set[asyncio.Task[None]] = set()
-"""Strong references to running fallbacks (the loop keeps only weak ones)."""
-
-
-def _in_background(coroutine: Coroutine[Any, Any, None]) -> None:
-    task = asyncio.ensure_future(coroutine)
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
-
-
-def _settle_all(group: _Group, error: BaseException | None) -> None:
-    for _, done in group:
-        _settle(done, error)
-
-
-def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
-    if done.done():  # its caller was cancelled; the messages were still sent
-        return
-    if error is None:
-        done.set_result(None)
-    else:
-        done.set_exception(error)
 
 
 def _check_messages(messages: Sequence[OutboxMessage]) -> None:
