@@ -177,7 +177,10 @@ async def steps_per_second(checkpointer: Any, runs: int, *, threads: int | None)
 
 
 def _idle_priority() -> None:
-    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    if hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    else:  # not Linux: the lowest nice level is the nearest thing
+        os.nice(19)
 
 
 @asynccontextmanager
