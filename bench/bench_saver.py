@@ -34,6 +34,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
+from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import BaseCheckpointSaver, empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.kusto import AsyncKustoSaver
@@ -109,7 +110,9 @@ async def measure(
 
     async def put(i: int) -> None:
         checkpoint = _checkpoint(i)
-        config = {"configurable": {"thread_id": f"bench-{i % 50}", "checkpoint_ns": ""}}
+        config: RunnableConfig = {
+            "configurable": {"thread_id": f"bench-{i % 50}", "checkpoint_ns": ""}
+        }
         configs.append(
             await saver.aput(
                 config, checkpoint, {"source": "loop", "step": i}, checkpoint["channel_versions"]
@@ -194,7 +197,7 @@ async def local_stack(root: Path, *, idle: bool = True) -> AsyncIterator[tuple[s
         text=True,
         preexec_fn=_idle_priority if idle else None,
     )
-    processes = [server]
+    processes: list[subprocess.Popen[Any]] = [server]
     try:
         assert server.stdout is not None
         cluster = server.stdout.readline().strip()
