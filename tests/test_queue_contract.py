@@ -75,6 +75,7 @@ from langgraph.checkpoint.kusto.outbox import (
     ReceivedMessage,
     open_async_sender,
     open_queue,
+    open_sender,
     queue_id,
     redact_queue_url,
     replay_message_id,
@@ -821,6 +822,11 @@ def test_open_queue_picks_the_backend_by_url(broker: AmqpTestBroker, tmp_path: P
     assert "s3cret" not in str(error.value)
     with pytest.raises(ValueError, match="sqlite:///<path>"):
         open_queue("amqp://somewhere/q")
+    with pytest.raises(ValueError, match="sqlite:///<path>"):
+        open_async_sender("amqp://somewhere/q")
+    sender = open_sender(f"sqlite:///{tmp_path / 'q.db'}")
+    assert isinstance(sender, SqliteQueue) and sender.wal_autocheckpoint == 10_000
+    sender.close()
 
 
 # --- the SDK boundary, offline ----------------------------------------------------------------
