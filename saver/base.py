@@ -379,7 +379,11 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
 
     def _snapshot(self, stored: StoredCheckpoint) -> Snapshot | None:
         """The whole tuple as one serde value, so a cache hit is one decode (and hands out
-        objects nobody else holds). ``None`` if the serde cannot encode it as a whole."""
+        objects nobody else holds). ``None`` if the serde cannot encode it as a whole.
+
+        The read that makes it is served from it too (one decode more, once per entry), so
+        every read of an entry returns the same values even where a serde's round trip is
+        not exact."""
         found = self._to_tuple(stored)
         try:
             return self.serde.dumps_typed(

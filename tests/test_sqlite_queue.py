@@ -23,6 +23,7 @@ from langgraph.checkpoint.kusto.outbox import (
     replay_message_id,
 )
 from langgraph.checkpoint.kusto.outbox import sqlite as sqlite_queue
+from langgraph.checkpoint.kusto.outbox.grouping import SendGroups, commit
 from langgraph.checkpoint.kusto.outbox.sqlite import AsyncSqliteSender, SqliteQueue
 
 
@@ -652,3 +653,20 @@ async def test_a_failing_send_fails_alone_in_its_group(db: Path) -> None:
     with pytest.raises(ValueError, match="message_id must not be empty"):
         await sender.send([msg("")])
     await sender.close()
+
+
+async def test_a_cancelled_group_commit_cancels_its_callers_instead_of_leaving_them_waiting() -> (
+    None
+):
+    groups = SendGroups()
+    done = groups.add([msg("a")])
+    group, messages = groups.take()
+
+    async def never_answers(_: Any) -> None:
+        await asyncio.sleep(3600)
+
+    committing = asyncio.ensure_future(commit(group, messages, never_answers))
+    await asyncio.sleep(0)
+    committing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(done, 5)

@@ -54,6 +54,20 @@ def settle(group: Group, error: BaseException | None) -> None:
             done.set_exception(error)
 
 
+async def commit(group: Group, messages: list[OutboxMessage], send: Send) -> None:
+    """Send a group's messages in one call and settle every caller with the outcome."""
+    try:
+        await send(messages)
+    except asyncio.CancelledError:
+        for _, done in group:
+            done.cancel()
+        raise
+    except Exception as error:
+        await failed(group, error, send)
+    else:
+        settle(group, None)
+
+
 async def failed(group: Group, error: Exception, send_alone: Send) -> None:
     """Settle a group whose commit raised ``error``: a lone send gets the error, the sends
     of a larger group are each retried on their own."""

@@ -99,7 +99,7 @@ from . import (
     redact_queue_url,
     replay_message_id,
 )
-from .grouping import SendGroups, failed, in_background, settle
+from .grouping import SendGroups, commit, in_background
 
 __all__ = [
     "AsyncServiceBusSender",
@@ -980,17 +980,7 @@ class AsyncServiceBusSender:
     async def _commit_groups(self) -> None:
         try:
             while self._groups:
-                group, messages = self._groups.take()
-                try:
-                    await self._send_now(messages)
-                except asyncio.CancelledError:
-                    for _, done in group:
-                        done.cancel()
-                    raise
-                except Exception as error:
-                    await failed(group, error, self._send_now)
-                else:
-                    settle(group, None)
+                await commit(*self._groups.take(), self._send_now)
         finally:
             self._committing = False
 

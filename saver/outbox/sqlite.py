@@ -45,7 +45,7 @@ from . import (
     queue_id,
     replay_message_id,
 )
-from .grouping import Group, SendGroups, failed, in_background, settle
+from .grouping import SendGroups, commit, failed, in_background, settle
 
 __all__ = ["AsyncSqliteSender", "SqliteQueue", "WriteLockBusy"]
 
@@ -806,15 +806,7 @@ class AsyncSqliteSender:
         if sent:
             settle(group, None)
         else:
-            in_background(self._send_waiting(group, messages))
-
-    async def _send_waiting(self, group: Group, messages: list[OutboxMessage]) -> None:
-        try:
-            await self._send_in_thread(messages)
-        except Exception as error:
-            await failed(group, error, self._send_in_thread)
-        else:
-            settle(group, None)
+            in_background(commit(group, messages, self._send_in_thread))
 
     async def _send_in_thread(self, messages: Sequence[OutboxMessage]) -> None:
         """A worker thread waits for the write lock, not the loop."""
