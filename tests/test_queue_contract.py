@@ -88,6 +88,7 @@ from langgraph.checkpoint.kusto.outbox.servicebus import (
     _translate,
     parse_queue_url,
     plan_sends,
+    run_plan,
     to_dead_letter,
     to_received_message,
 )
@@ -796,6 +797,59 @@ def test_async_sends_made_together_share_a_round_trip_and_fail_alone(
     assert [m.message_id for m in broker.active(name)] == ["w", "p", "w1", "a", "b"]
 
 
+def test_batches_sent_are_made_by_the_sending_sdk_sender(
+    broker: AmqpTestBroker, sb: Callable[..., ServiceBusQueue]
+) -> None:
+    """A batch built for another AMQP transport than the sender's is rebuilt by the SDK at
+    send time, every message encoded again (the aio sender paid that on every send)."""
+    name = _broker_queue(broker)
+    messages = [OutboxMessage(b"a", "a", "s1"), OutboxMessage(b"b", "b", "s1")]
+
+    def spy(sdk_sender: Any) -> tuple[list[Any], list[Any]]:
+        made: list[Any] = []
+        sent: list[Any] = []
+        create, send = sdk_sender.create_message_batch, sdk_sender.send_messages
+
+        def create_message_batch(*args: Any, **kwargs: Any) -> Any:
+            result = create(*args, **kwargs)
+            if asyncio.iscoroutine(result):
+
+                async def made_async() -> Any:
+                    made.append(await result)
+                    return made[-1]
+
+                return made_async()
+            made.append(result)
+            return result
+
+        def send_messages(item: Any, **kwargs: Any) -> Any:
+            sent.append(item)
+            return send(item, **kwargs)
+
+        sdk_sender.create_message_batch = create_message_batch
+        sdk_sender.send_messages = send_messages
+        return made, sent
+
+    queue = sb(name)
+    made, sent = spy(queue._open_sender())
+    queue.send(messages)
+    assert len(sent) == 1 and all(any(item is m for m in made) for item in sent)
+
+    async def publish() -> tuple[list[Any], list[Any]]:
+        sender = open_async_sender(broker.connection_string(name))
+        assert isinstance(sender, AsyncServiceBusSender)
+        try:
+            spied = spy(await sender._open_sender())
+            await sender.send([OutboxMessage(b"c", "c", "s1"), OutboxMessage(b"d", "d", "s1")])
+            return spied
+        finally:
+            await sender.close()
+
+    made, sent = asyncio.run(publish())
+    assert len(sent) == 1 and all(any(item is m for m in made) for item in sent)
+    assert [m.message_id for m in broker.active(name)] == ["a", "b", "c", "d"]
+
+
 def test_an_unknown_queue_says_what_to_do(sb: Callable[..., ServiceBusQueue]) -> None:
     queue = sb("missing")
     with pytest.raises(OutboxError, match="Create the queue with sessions enabled"):
@@ -836,11 +890,19 @@ def sb_message(body: bytes, session: str = "s1", message_id: str = "m") -> Servi
     return ServiceBusMessage(body, message_id=message_id, session_id=session)
 
 
+def plan_offline(messages: list[ServiceBusMessage], limits: SizeLimits) -> list[Any]:
+    """``plan_sends`` with batches as a sender on a link of ``limits`` makes them."""
+    return run_plan(
+        plan_sends(messages, limits),
+        lambda: ServiceBusMessageBatch(max_size_in_bytes=limits.max_batch_bytes),
+    )
+
+
 def test_plan_fills_standard_batches_to_their_real_limit() -> None:
     limits = SizeLimits(STANDARD, STANDARD)
     messages = [sb_message(b"x" * (60 * KB), message_id=f"m{i}") for i in range(9)]
 
-    plan = plan_sends(messages, limits)
+    plan = plan_offline(messages, limits)
 
     assert [type(item) for item in plan] == [ServiceBusMessageBatch] * 3
     assert [len(item) for item in plan if isinstance(item, ServiceBusMessageBatch)] == [4, 4, 1]
@@ -861,7 +923,7 @@ def test_plan_sends_premium_messages_over_a_batch_alone_and_refuses_over_the_ent
         sb_message(b"b" * (5 * MB), message_id="b"),
     )
 
-    plan = plan_sends([small, small, small, big, small], limits)
+    plan = plan_offline([small, small, small, big, small], limits)
 
     assert [len(i) if isinstance(i, ServiceBusMessageBatch) else "alone" for i in plan] == [
         2,
@@ -870,13 +932,13 @@ def test_plan_sends_premium_messages_over_a_batch_alone_and_refuses_over_the_ent
         1,
     ]
     with pytest.raises(MessageTooLargeError, match=f"max_message_bytes={PREMIUM_MESSAGE - 4096}"):
-        plan_sends([sb_message(b"x" * (PREMIUM_MESSAGE + 1))], limits)
+        plan_offline([sb_message(b"x" * (PREMIUM_MESSAGE + 1))], limits)
     with pytest.raises(ValueError):  # MessageTooLargeError is a ValueError, as the SDK's is
-        plan_sends([sb_message(b"x" * (STANDARD + 1))], SizeLimits(STANDARD, STANDARD))
+        plan_offline([sb_message(b"x" * (STANDARD + 1))], SizeLimits(STANDARD, STANDARD))
 
 
 def test_plan_never_mixes_sessions_in_a_batch() -> None:
-    plan = plan_sends(
+    plan = plan_offline(
         [
             sb_message(b"1", "a"),
             sb_message(b"2", "a"),

@@ -54,7 +54,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -106,8 +106,10 @@ __all__ = [
     "ServiceBusQueue",
     "ServiceBusSettings",
     "SizeLimits",
+    "arun_plan",
     "parse_queue_url",
     "plan_sends",
+    "run_plan",
 ]
 
 logger = logging.getLogger("langgraph.checkpoint.kusto.outbox.servicebus")
@@ -270,28 +272,38 @@ def to_service_bus_message(message: OutboxMessage) -> ServiceBusMessage:
     )
 
 
-def plan_sends(
-    messages: Sequence[ServiceBusMessage], limits: SizeLimits
-) -> list[ServiceBusMessageBatch | ServiceBusMessage]:
+Plan = list[ServiceBusMessageBatch | ServiceBusMessage]
+PlanSteps = Generator[None, ServiceBusMessageBatch, Plan]
+"""``plan_sends`` in progress: it yields when it needs an empty batch and is sent one."""
+
+
+def plan_sends(messages: Sequence[ServiceBusMessage], limits: SizeLimits) -> PlanSteps:
     """Pack ``messages`` in order into batches of one session each; a message too large for
     a batch but within ``limits.max_message_bytes`` goes alone. Raises
-    ``MessageTooLargeError`` before anything is sent if one fits neither."""
-    plan: list[ServiceBusMessageBatch | ServiceBusMessage] = []
-    batch = ServiceBusMessageBatch(max_size_in_bytes=limits.max_batch_bytes)
+    ``MessageTooLargeError`` before anything is sent if one fits neither.
+
+    Sans-I/O: each empty batch comes from the caller's SDK sender (``run_plan`` /
+    ``arun_plan`` with its ``create_message_batch``), so it matches that sender's AMQP
+    transport. The SDK rebuilds a batch made for another transport when it is sent,
+    encoding every message again (for the ``aio`` sender, ~90 of the ~460 µs CPU of a
+    two-message send)."""
+    plan: Plan = []
+    batch = yield
     batch_session: str | None = None
     for message in messages:
         if len(batch) and message.session_id != batch_session:
             plan.append(batch)
-            batch = ServiceBusMessageBatch(max_size_in_bytes=limits.max_batch_bytes)
+            batch = yield
         if _try_add(batch, message):
             batch_session = message.session_id
             continue
         if len(batch):
             plan.append(batch)
-            batch = ServiceBusMessageBatch(max_size_in_bytes=limits.max_batch_bytes)
+            batch = yield
             if _try_add(batch, message):
                 batch_session = message.session_id
                 continue
+        # Only measures: the message is sent on its own, never in this batch.
         if not _try_add(
             ServiceBusMessageBatch(max_size_in_bytes=limits.max_message_bytes), message
         ):
@@ -306,6 +318,30 @@ def plan_sends(
     if len(batch):
         plan.append(batch)
     return plan
+
+
+def run_plan(steps: PlanSteps, new_batch: Callable[[], ServiceBusMessageBatch]) -> Plan:
+    """Drive ``plan_sends`` with batches from ``new_batch``."""
+    try:
+        next(steps)
+        while True:
+            steps.send(new_batch())
+    except StopIteration as finished:
+        plan: Plan = finished.value
+        return plan
+
+
+async def arun_plan(
+    steps: PlanSteps, new_batch: Callable[[], Awaitable[ServiceBusMessageBatch]]
+) -> Plan:
+    """``run_plan`` for an ``aio`` sender."""
+    try:
+        next(steps)
+        while True:
+            steps.send(await new_batch())
+    except StopIteration as finished:
+        plan: Plan = finished.value
+        return plan
 
 
 def _try_add(batch: ServiceBusMessageBatch, message: ServiceBusMessage) -> bool:
@@ -504,7 +540,8 @@ class ServiceBusQueue:
         with self._send_lock:
             try:
                 sender = self._open_sender()
-                for item in plan_sends(outgoing, self._size_limits(sender)):
+                steps = plan_sends(outgoing, self._size_limits(sender))
+                for item in run_plan(steps, sender.create_message_batch):
                     sender.send_messages(item)
             except ServiceBusError as error:
                 raise _translate(
@@ -990,7 +1027,8 @@ class AsyncServiceBusSender:
             try:
                 limits = await self._size_limits()
                 sender = await self._open_sender()
-                for item in plan_sends(outgoing, limits):
+                steps = plan_sends(outgoing, limits)
+                for item in await arun_plan(steps, sender.create_message_batch):
                     await sender.send_messages(item)
             except ServiceBusError as error:
                 raise _translate(
