@@ -30,11 +30,11 @@ from .aio import AsyncKustoSaver
 from .base import (
     POLL_MAX,
     POLL_START,
-    PRUNE_STRATEGIES,
     BaseKustoSaver,
     Consistency,
     IngestionTimeoutError,
     keep_latest,
+    prune_targets,
     refuse_event_loop_thread,
 )
 from .kusto import KustoQueries
@@ -143,11 +143,7 @@ class KustoSaver(BaseKustoSaver):
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         refuse_event_loop_thread()
-        if strategy not in PRUNE_STRATEGIES:
-            raise ValueError(
-                f"strategy must be one of {', '.join(PRUNE_STRATEGIES)}, got {strategy!r}"
-            )
-        for thread_id in thread_ids:
+        for thread_id in prune_targets(thread_ids, strategy):
             if strategy == "delete":
                 self._publish(self._delete_thread_event(thread_id))
                 continue

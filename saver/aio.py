@@ -26,10 +26,10 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 from .base import (
     POLL_MAX,
     POLL_START,
-    PRUNE_STRATEGIES,
     BaseKustoSaver,
     Consistency,
     keep_latest,
+    prune_targets,
 )
 from .kusto import AsyncKustoQueries
 from .queries import Query, channel_history
@@ -132,11 +132,7 @@ class AsyncKustoSaver(BaseKustoSaver):
         await self._publish(*self._copy_events(source, target_thread_id))
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
-        if strategy not in PRUNE_STRATEGIES:
-            raise ValueError(
-                f"strategy must be one of {', '.join(PRUNE_STRATEGIES)}, got {strategy!r}"
-            )
-        for thread_id in thread_ids:
+        for thread_id in prune_targets(thread_ids, strategy):
             if strategy == "delete":
                 await self._publish(self._delete_thread_event(thread_id))
                 continue

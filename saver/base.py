@@ -37,7 +37,7 @@ from langgraph.checkpoint.kusto.shared.framing import (
     split_frames,
 )
 from langgraph.checkpoint.kusto.shared.ids import EventIds, SequenceClock
-from langgraph.checkpoint.kusto.shared.rows import StoredValue
+from langgraph.checkpoint.kusto.shared.rows import StoredValue, metadata_pairs
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .cache import ReadCache, Snapshot
@@ -543,32 +543,61 @@ RUNS_SESSION = "$delete_for_runs"
 """Queue session of ``delete_for_runs`` events, which belong to no single thread."""
 
 PRUNE_STRATEGIES = ("keep_latest", "delete")
+NOTHING_KEPT = ""
+"""The checkpoint id ``keep_latest`` keeps in a namespace it empties (no id is empty)."""
+
+
+def prune_targets(thread_ids: Sequence[str], strategy: str) -> list[str]:
+    """The thread ids of a ``prune`` call, after checking its arguments."""
+    if strategy not in PRUNE_STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(PRUNE_STRATEGIES)}, got {strategy!r}")
+    if isinstance(thread_ids, str) or not all(isinstance(t, str) for t in thread_ids):
+        raise TypeError("thread_ids must be a sequence of thread id strings, not a single string")
+    return list(thread_ids)
 
 
 def keep_latest(checkpoints: Sequence[StoredCheckpoint]) -> set[tuple[str, str]]:
     """What ``prune(strategy="keep_latest")`` keeps: per namespace the latest checkpoint,
-    plus the ancestors a ``DeltaChannel`` still needs.
+    plus the ancestors a ``DeltaChannel`` still needs, as PostgresSaver keeps them.
 
-    A channel whose value at the latest checkpoint is stored empty (a DeltaChannel between
-    snapshots) is rebuilt by walking parents to the nearest stored value, so every
-    checkpoint on that walk is kept: pruning it would silently empty the channel.
+    A subgraph call's namespace (``<node>:<task id>``, one per call) goes with the root
+    checkpoint the call started from, once that one is saved and not kept; a
+    ``checkpointer=True`` subgraph's namespace has no task id and keeps its latest. A
+    namespace that keeps nothing is named with ``NOTHING_KEPT``, so the prune still covers
+    it (Kusto prunes only the namespaces a prune names).
+
+    A ``DeltaChannel`` (named in ``counters_since_delta_snapshot`` of the metadata) whose
+    value at the latest checkpoint is stored empty is rebuilt by walking parents to its
+    nearest snapshot, so every checkpoint on that walk is kept: pruning it would silently
+    empty the channel. Other channels stored empty are just empty.
     """
     by_ns: dict[str, dict[str, StoredCheckpoint]] = {}
     for checkpoint in checkpoints:
         by_ns.setdefault(checkpoint.checkpoint_ns, {})[checkpoint.checkpoint_id] = checkpoint
+    roots = by_ns.get("", {})
+    latest_root = max(roots, default=None)
     kept: set[tuple[str, str]] = set()
     for ns, by_id in by_ns.items():
         latest = by_id[max(by_id)]
+        parents = latest.metadata.get("parents")
+        root = parents.get("") if isinstance(parents, dict) else None
+        if ":" in ns and root in roots and root != latest_root:
+            kept.add((ns, NOTHING_KEPT))
+            continue
         kept.add((ns, latest.checkpoint_id))
-        unresolved = {c for c, v in latest.blobs.items() if v.type == EMPTY_TYPE}
+        delta_channels = latest.metadata.get("counters_since_delta_snapshot") or {}
+        unresolved = {c for c in delta_channels if _stored_empty(latest, c)}
         cursor = by_id.get(latest.parent_checkpoint_id)
         while unresolved and cursor is not None and (ns, cursor.checkpoint_id) not in kept:
             kept.add((ns, cursor.checkpoint_id))
-            unresolved -= {
-                c for c in unresolved if c in cursor.blobs and cursor.blobs[c].type != EMPTY_TYPE
-            }
+            unresolved = {c for c in unresolved if _stored_empty(cursor, c)}
             cursor = by_id.get(cursor.parent_checkpoint_id)
     return kept
+
+
+def _stored_empty(checkpoint: StoredCheckpoint, channel: str) -> bool:
+    value = checkpoint.blobs.get(channel)
+    return value is None or value.type == EMPTY_TYPE
 
 
 def _fresh_json(value: dict[str, Any]) -> dict[str, Any]:
@@ -626,7 +655,8 @@ def _matches(
         return False
     if before_id and stored.checkpoint_id >= before_id:
         return False
-    return not filter or all(stored.metadata.get(k) == v for k, v in filter.items())
+    # The pairs Kusto matches on, so a filter means the same for cached and ingested rows.
+    return not filter or set(metadata_pairs(filter)) <= set(metadata_pairs(stored.metadata))
 
 
 def _merged_writes(

@@ -184,8 +184,8 @@ def channel_history(rows: Iterable[Mapping[str, Any]]) -> ChannelHistory:
     blob_parts: dict[tuple[str, str], dict[str, list[Mapping[str, Any]]]] = defaultdict(
         lambda: defaultdict(list)
     )
-    write_parts: dict[str, dict[tuple[str, int], dict[str, list[Mapping[str, Any]]]]] = (
-        defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    write_parts: dict[str, dict[tuple[str, int], dict[str, list[Mapping[str, Any]]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
     )
     for row in rows:
         kind = row["RowKind"]

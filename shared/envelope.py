@@ -135,8 +135,7 @@ def decode_event(data: bytes) -> Event:
             metadata=_typed(raw["meta"], dict, "meta"),
             blobs=tuple(Blob(*_fields(b, (str, str, str, bytes), "blob")) for b in raw["blobs"]),
             writes=tuple(
-                Write(*_fields(w, (str, str, int, str, str, bytes), "write"))
-                for w in raw["writes"]
+                Write(*_fields(w, (str, str, int, str, str, bytes), "write")) for w in raw["writes"]
             ),
             run_ids=tuple(_typed(r, str, "runs") for r in raw["runs"]),
             kept=tuple(tuple(_fields(k, (str, str), "kept")) for k in raw["kept"]),

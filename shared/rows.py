@@ -74,7 +74,21 @@ def metadata_pairs(metadata: Mapping[str, Any]) -> list[str]:
 
 
 def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """One text per JSON value: keys sorted, and a whole float written as an integer, so
+    ``1.0`` matches ``1`` as numbers do in the reference savers (``true`` stays ``true``)."""
+    return json.dumps(
+        _whole_floats_as_ints(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+
+
+def _whole_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole_floats_as_ints(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_whole_floats_as_ints(item) for item in value]
+    return value
 
 
 def event_rows(event: Event) -> list[dict[str, Any]]:
