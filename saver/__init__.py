@@ -34,6 +34,7 @@ from .base import (
     Consistency,
     IngestionTimeoutError,
     keep_latest,
+    one_namespace,
     prune_targets,
     refuse_event_loop_thread,
 )
@@ -158,13 +159,19 @@ class KustoSaver(BaseKustoSaver):
         if not channels:
             return {}
         configurable = config["configurable"]
-        query = channel_history(
-            configurable["thread_id"], configurable.get("checkpoint_ns") or "", channels
+        thread_id, checkpoint_ns = (
+            configurable["thread_id"],
+            configurable.get("checkpoint_ns") or "",
         )
-        if awaited := self._awaited(config, single=False):
+        # The walk may reach any checkpoint of the namespace, not only the one asked for.
+        scope: RunnableConfig = {
+            "configurable": {"thread_id": thread_id, "checkpoint_ns": checkpoint_ns}
+        }
+        cached_scope = self._cached_scope(scope)
+        if awaited := self._awaited(scope, single=True):
             self._wait_ingested(awaited)
-        rows = self.queries.run(query)
-        return self._history(assemble_channel_history(rows), config, channels)
+        rows = self.queries.run(channel_history(thread_id, checkpoint_ns, channels))
+        return self._history(assemble_channel_history(rows), cached_scope, config, channels)
 
     # -- reads --------------------------------------------------------------
 
@@ -173,9 +180,13 @@ class KustoSaver(BaseKustoSaver):
         cached = self._cached_tuple(config)
         if cached is not None:
             return cached
+        config = one_namespace(config)
+        cached_scope = self._cached_scope(config)
         if awaited := self._awaited(config, single=True):
             self._wait_ingested(awaited)
-        found = self._merge(self._select(self._tuple_query(config)), config, None, None, 1)
+        found = self._merge(
+            self._select(self._tuple_query(config)), cached_scope, config, None, None, 1
+        )
         return self._to_tuple(found[0]) if found else None
 
     def list(
@@ -203,10 +214,11 @@ class KustoSaver(BaseKustoSaver):
         before: RunnableConfig | None = None,
         limit: int | None = None,
     ) -> builtins.list[StoredCheckpoint]:
+        cached_scope = self._cached_scope(config)
         if awaited := self._awaited(config, single=False):
             self._wait_ingested(awaited)
         query = self._list_query(config, filter, before, limit)
-        return self._merge(self._select(query), config, filter, before, limit)
+        return self._merge(self._select(query), cached_scope, config, filter, before, limit)
 
     def _publish(self, *events: Event) -> None:
         """Send the events' messages in one call; in ``strong`` mode wait for Kusto."""

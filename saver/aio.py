@@ -29,6 +29,7 @@ from .base import (
     BaseKustoSaver,
     Consistency,
     keep_latest,
+    one_namespace,
     prune_targets,
 )
 from .kusto import AsyncKustoQueries
@@ -146,13 +147,19 @@ class AsyncKustoSaver(BaseKustoSaver):
         if not channels:
             return {}
         configurable = config["configurable"]
-        query = channel_history(
-            configurable["thread_id"], configurable.get("checkpoint_ns") or "", channels
+        thread_id, checkpoint_ns = (
+            configurable["thread_id"],
+            configurable.get("checkpoint_ns") or "",
         )
-        if awaited := self._awaited(config, single=False):
+        # The walk may reach any checkpoint of the namespace, not only the one asked for.
+        scope: RunnableConfig = {
+            "configurable": {"thread_id": thread_id, "checkpoint_ns": checkpoint_ns}
+        }
+        cached_scope = self._cached_scope(scope)
+        if awaited := self._awaited(scope, single=True):
             await self._wait_ingested(awaited)
-        rows = await self.queries.run(query)
-        return self._history(assemble_channel_history(rows), config, channels)
+        rows = await self.queries.run(channel_history(thread_id, checkpoint_ns, channels))
+        return self._history(assemble_channel_history(rows), cached_scope, config, channels)
 
     # -- reads --------------------------------------------------------------
 
@@ -160,9 +167,13 @@ class AsyncKustoSaver(BaseKustoSaver):
         cached = self._cached_tuple(config)
         if cached is not None:
             return cached
+        config = one_namespace(config)
+        cached_scope = self._cached_scope(config)
         if awaited := self._awaited(config, single=True):
             await self._wait_ingested(awaited)
-        found = self._merge(await self._select(self._tuple_query(config)), config, None, None, 1)
+        found = self._merge(
+            await self._select(self._tuple_query(config)), cached_scope, config, None, None, 1
+        )
         return self._to_tuple(found[0]) if found else None
 
     async def alist(
@@ -258,10 +269,11 @@ class AsyncKustoSaver(BaseKustoSaver):
         before: RunnableConfig | None = None,
         limit: int | None = None,
     ) -> builtins.list[StoredCheckpoint]:
+        cached_scope = self._cached_scope(config)
         if awaited := self._awaited(config, single=False):
             await self._wait_ingested(awaited)
         query = self._list_query(config, filter, before, limit)
-        return self._merge(await self._select(query), config, filter, before, limit)
+        return self._merge(await self._select(query), cached_scope, config, filter, before, limit)
 
     async def _publish(self, *events: Event) -> None:
         """Send the events' messages in one call; in ``strong`` mode wait for Kusto."""

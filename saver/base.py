@@ -316,11 +316,11 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         elif event.kind is EventKind.PUT_WRITES:
             self._remember_writes(event)
         elif event.kind is EventKind.DELETE_THREAD:
-            self.cache.delete_thread(event.thread_id, event.seq)
+            self.cache.delete_thread(event.thread_id, event.event_id, event.seq)
         elif event.kind is EventKind.DELETE_RUNS:
-            self.cache.delete_runs(event.run_ids, event.seq)
+            self.cache.delete_runs(event.run_ids, event.event_id, event.seq)
         elif event.kind is EventKind.PRUNE:
-            self.cache.prune(event.thread_id, event.kept, event.seq)
+            self.cache.prune(event.thread_id, event.kept, event.event_id, event.seq)
 
     # -- confirmation: which published events Kusto holds --------------------
 
@@ -425,15 +425,24 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             limit=limit,
         )
 
+    def _cached_scope(self, config: RunnableConfig | None) -> list[StoredCheckpoint]:
+        """What the cache holds of a read's threads. Taken *before* the read waits or asks
+        Kusto: an entry evicted meanwhile is then either here or awaited, never lost."""
+        if self.cache is None:
+            return []
+        return self.cache.of_thread((config or {}).get("configurable", {}).get("thread_id"))
+
     def _merge(
         self,
         from_kusto: Iterable[StoredCheckpoint],
+        cached: Iterable[StoredCheckpoint],
         config: RunnableConfig | None,
         filter: dict[str, Any] | None,
         before: RunnableConfig | None,
         limit: int | None,
     ) -> list[StoredCheckpoint]:
-        """Kusto's answer, minus what this process deleted, plus what it wrote but Kusto lacks."""
+        """Kusto's answer plus what this process wrote but Kusto lacks (``cached``, from
+        ``_cached_scope``), minus what it deleted."""
         merged: dict[tuple[str, str, str], StoredCheckpoint] = {}
         for stored in from_kusto:
             if self._visible(stored):
@@ -444,8 +453,8 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         if self.cache is not None:
             configurable = (config or {}).get("configurable", {})
             before_id = get_checkpoint_id(before) if before else None
-            for stored in self.cache.of_thread(configurable.get("thread_id")):
-                if _matches(stored, configurable, filter, before_id):
+            for stored in cached:
+                if self._visible(stored) and _matches(stored, configurable, filter, before_id):
                     known = merged.get(stored.key)
                     if known is not None:
                         stored.writes = _merged_writes(known.writes, stored.writes)
@@ -463,15 +472,23 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
     def _history(
         self,
         history: ChannelHistory,
+        cached_scope: Iterable[StoredCheckpoint],
         config: RunnableConfig,
         channels: Sequence[str],
     ) -> dict[str, DeltaChannelHistory]:
-        """Walk the parent chain in memory, as the base class defines the result."""
+        """Walk the parent chain in memory, as the base class defines the result.
+
+        ``history`` is Kusto's answer; ``cached_scope`` (``_cached_scope``) and the writes
+        this process made to checkpoints it did not write add what Kusto may lack."""
         configurable = config["configurable"]
+        checkpoint_ns = configurable.get("checkpoint_ns") or ""
         if self.cache is not None:
-            for stored in self.cache.of_thread(configurable["thread_id"]):
-                if stored.checkpoint_ns == (configurable.get("checkpoint_ns") or ""):
+            for stored in cached_scope:
+                if stored.checkpoint_ns == checkpoint_ns and self._visible(stored):
                     history.add_checkpoint(stored, channels)
+            for checkpoint_id in list(history.parents):
+                key = (configurable["thread_id"], checkpoint_ns, checkpoint_id)
+                history.add_writes(checkpoint_id, self.cache.orphan_writes(key), channels)
         target = get_checkpoint_id(config) or max(history.parents, default="")
         collected: dict[str, list[PendingWrite]] = {c: [] for c in channels}
         seeds: dict[str, Any] = {}
@@ -666,6 +683,15 @@ def _merged_writes(
     slots: dict[tuple[str, int], StoredWrite] = {}
     add_writes(slots, sorted([*first, *second], key=lambda w: w.value.seq))
     return sorted(slots.values(), key=lambda w: w.sort_key)
+
+
+def one_namespace(config: RunnableConfig) -> RunnableConfig:
+    """``get_tuple``'s scope: one namespace, the root one unless the config names another."""
+    configurable = config["configurable"]
+    return {
+        **config,
+        "configurable": {**configurable, "checkpoint_ns": configurable.get("checkpoint_ns") or ""},
+    }
 
 
 def refuse_event_loop_thread() -> None:

@@ -76,9 +76,14 @@ class ReadCache:
         """Events published but not yet confirmed in Kusto: event id -> sequence."""
         self._awaited: dict[str, dict[tuple[str, str], set[str]]] = {}
         """thread -> (ns, checkpoint id) -> unconfirmed events of an evicted entry."""
-        self._deleted: dict[str, int] = {}
-        self._deleted_runs: dict[str, int] = {}
-        self._pruned: dict[str, tuple[int, frozenset[tuple[str, str]]]] = {}
+        self._deleted: dict[str, tuple[int, str]] = {}
+        """thread -> (seq, event id) of its latest delete Kusto may not hold yet."""
+        self._deleted_runs: dict[str, tuple[int, str]] = {}
+        self._pruned: dict[str, tuple[int, frozenset[tuple[str, str]], str]] = {}
+        self._hiding: dict[str, str | None] = {}
+        """Unconfirmed run deletes (-> None: any thread) and prunes (-> thread). Unlike a
+        thread delete, they hide rows *between* visible ones, so Kusto's ``top`` must
+        apply them: reads of their scope wait until Kusto holds them."""
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -106,6 +111,10 @@ class ReadCache:
         }
         with self._lock:
             self._pending[event_id] = seq
+            if self._hides(checkpoint):
+                # Published before a delete this process made, but applied after it (its
+                # send took longer): Kusto hides it by sequence, and so does the cache.
+                return False
             complete = all(c in checkpoint.blobs or ref in self._blobs for c, ref in refs.items())
             if complete:
                 # Hold the new references before releasing an earlier put's, which may be
@@ -155,22 +164,23 @@ class ReadCache:
                 add_writes(slots, writes)
                 return
             self._drop_snapshot(entry)
-            added = add_writes(entry.pending_writes, writes)
-            entry.size += added
-            self._bytes += added
+            grown = add_writes(entry.pending_writes, writes)
+            entry.size += grown
+            self._bytes += grown
             entry.event_ids.add(event_id)
             self._entries.move_to_end(key)
             self._evict()
 
-    def delete_thread(self, thread_id: str, seq: int) -> None:
+    def delete_thread(self, thread_id: str, event_id: str, seq: int) -> None:
         with self._lock:
             self._drop(key for key in self._entries if key[0] == thread_id)
             for key in [k for k in self._orphan_writes if k[0] == thread_id]:
                 del self._orphan_writes[key]
             self._awaited.pop(thread_id, None)
-            self._deleted[thread_id] = seq
+            self._pending[event_id] = seq
+            self._deleted[thread_id] = (seq, event_id)
 
-    def delete_runs(self, run_ids: Iterable[str], seq: int) -> None:
+    def delete_runs(self, run_ids: Iterable[str], event_id: str, seq: int) -> None:
         runs = set(run_ids)
         with self._lock:
             self._drop(
@@ -178,10 +188,14 @@ class ReadCache:
                 for key, entry in self._entries.items()
                 if entry.checkpoint.metadata.get("run_id") in runs
             )
+            self._pending[event_id] = seq
+            self._hiding[event_id] = None
             for run_id in runs:
-                self._deleted_runs[run_id] = seq
+                self._deleted_runs[run_id] = (seq, event_id)
 
-    def prune(self, thread_id: str, kept: Iterable[tuple[str, str]], seq: int) -> None:
+    def prune(
+        self, thread_id: str, kept: Iterable[tuple[str, str]], event_id: str, seq: int
+    ) -> None:
         survivors = frozenset(kept)
         with self._lock:
             self._drop(
@@ -189,7 +203,9 @@ class ReadCache:
                 for key in self._entries
                 if key[0] == thread_id and (key[1], key[2]) not in survivors
             )
-            self._pruned[thread_id] = (seq, survivors)
+            self._pending[event_id] = seq
+            self._hiding[event_id] = thread_id
+            self._pruned[thread_id] = (seq, survivors, event_id)
 
     # -- reads --------------------------------------------------------------
 
@@ -229,18 +245,8 @@ class ReadCache:
 
         Kusto may not have ingested that delete yet; the sequence decides, as it does there.
         """
-        seq = checkpoint.checkpoint.seq
-        if seq < self._deleted.get(checkpoint.thread_id, 0):
-            return True
-        run_id = checkpoint.metadata.get("run_id")
-        if run_id is not None and seq < self._deleted_runs.get(str(run_id), 0):
-            return True
-        pruned = self._pruned.get(checkpoint.thread_id)
-        return (
-            pruned is not None
-            and seq < pruned[0]
-            and (checkpoint.checkpoint_ns, checkpoint.checkpoint_id) not in pruned[1]
-        )
+        with self._lock:
+            return self._hides(checkpoint)
 
     def awaited(
         self, thread_id: str | None, checkpoint_ns: str | None, checkpoint_id: str | None
@@ -260,6 +266,11 @@ class ReadCache:
                     if checkpoint_id and cid != checkpoint_id:
                         continue
                     found.update((e, self._pending[e]) for e in event_ids if e in self._pending)
+            found.update(
+                (event_id, self._pending[event_id])
+                for event_id, scope in self._hiding.items()
+                if scope is None or thread_id is None or scope == thread_id
+            )
             return found
 
     # -- confirmation from Kusto ----------------------------------------------
@@ -292,11 +303,33 @@ class ReadCache:
                 k for k, (ids, _) in self._orphan_writes.items() if not ids & self._pending.keys()
             ]:
                 del self._orphan_writes[key]
+            # Kusto applies a delete or prune it holds itself: the record is no longer needed.
+            pending = self._pending
+            self._hiding = {e: scope for e, scope in self._hiding.items() if e in pending}
+            self._deleted = {t: r for t, r in self._deleted.items() if r[1] in pending}
+            self._deleted_runs = {k: r for k, r in self._deleted_runs.items() if r[1] in pending}
+            self._pruned = {t: r for t, r in self._pruned.items() if r[2] in pending}
 
     def over_bound(self) -> bool:
         return len(self._entries) > self.max_entries or self._bytes > self.max_bytes
 
     # -- internals (lock held) --------------------------------------------------
+
+    def _hides(self, checkpoint: StoredCheckpoint) -> bool:
+        seq = checkpoint.checkpoint.seq
+        deleted = self._deleted.get(checkpoint.thread_id)
+        if deleted is not None and seq < deleted[0]:
+            return True
+        run_id = checkpoint.metadata.get("run_id")
+        deleted_run = self._deleted_runs.get(str(run_id)) if run_id is not None else None
+        if deleted_run is not None and seq < deleted_run[0]:
+            return True
+        pruned = self._pruned.get(checkpoint.thread_id)
+        return (
+            pruned is not None
+            and seq < pruned[0]
+            and (checkpoint.checkpoint_ns, checkpoint.checkpoint_id) not in pruned[1]
+        )
 
     def _evict(self) -> None:
         while self._entries and self.over_bound():

@@ -173,9 +173,16 @@ class ChannelHistory:
         for channel, value in checkpoint.blobs.items():
             if channel in wanted:
                 self.blobs[(channel, checkpoint.channel_versions[channel])] = value
-        slots = {(w.task_id, w.idx): w for w in self.writes.get(checkpoint.checkpoint_id, [])}
-        add_writes(slots, [w for w in checkpoint.writes if w.channel in wanted])
-        self.writes[checkpoint.checkpoint_id] = sorted(slots.values(), key=lambda w: w.sort_key)
+        self.add_writes(checkpoint.checkpoint_id, checkpoint.writes, wanted)
+
+    def add_writes(
+        self, checkpoint_id: str, writes: Iterable[StoredWrite], channels: Iterable[str]
+    ) -> None:
+        """Writes to ``checkpoint_id`` that came later than those already held."""
+        wanted = set(channels)
+        slots = {(w.task_id, w.idx): w for w in self.writes.get(checkpoint_id, [])}
+        add_writes(slots, [w for w in writes if w.channel in wanted])
+        self.writes[checkpoint_id] = sorted(slots.values(), key=lambda w: w.sort_key)
 
 
 def channel_history(rows: Iterable[Mapping[str, Any]]) -> ChannelHistory:
@@ -223,12 +230,16 @@ def channel_history(rows: Iterable[Mapping[str, Any]]) -> ChannelHistory:
 
 
 def add_writes(slots: dict[tuple[str, int], StoredWrite], writes: Iterable[StoredWrite]) -> int:
-    """LangGraph's rule: a regular write keeps the first, a special write the last."""
-    added = 0
+    """LangGraph's rule: a regular write keeps the first, a special write the last.
+
+    Returns how many payload bytes the slots grew by (a replaced write's bytes count out).
+    """
+    grown = 0
     for write in writes:
         slot = (write.task_id, write.idx)
-        if write.idx >= 0 and slot in slots:
+        replaced = slots.get(slot)
+        if replaced is not None and write.idx >= 0:
             continue
         slots[slot] = write
-        added += len(write.value.data)
-    return added
+        grown += len(write.value.data) - (len(replaced.value.data) if replaced else 0)
+    return grown

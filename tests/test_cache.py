@@ -254,3 +254,15 @@ async def test_a_tuple_the_serde_cannot_encode_whole_is_served_value_by_value(
             found = await saver.aget_tuple(config)
             assert found is not None and found.checkpoint["channel_values"] == {"v": [1]}
             found.checkpoint["channel_values"]["v"].append(2)
+
+
+def test_a_replaced_special_write_counts_its_bytes_once() -> None:
+    cache = ReadCache()
+    cache.put(_stored("t", "c1"), "e0", 0)
+    before = cache.size_bytes
+    for n in range(1, 101):
+        write = StoredWrite(
+            "task", "", -3, "__interrupt__", StoredValue(f"e{n}", n, "b", b"x" * 1000)
+        )
+        cache.put_writes(("t", "", "c1"), [write], f"e{n}", n)  # each replaces the last
+    assert cache.size_bytes == before + 1000

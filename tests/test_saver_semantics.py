@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
-from langgraph.checkpoint.kusto import AsyncKustoSaver, KustoSaver
+from langgraph.checkpoint.kusto import AsyncKustoSaver, IngestionTimeoutError, KustoSaver
 from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor
 from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
 from langgraph.checkpoint.kusto.outbox import open_queue
@@ -294,3 +294,124 @@ def test_with_allowlist_returns_a_working_saver(stack: Any) -> None:
         _put(clone, thread_id, {"v": 1})
         found = clone.get_tuple({"configurable": {"thread_id": thread_id}})
         assert found is not None and found.checkpoint["channel_values"] == {"v": 1}
+
+
+# --- this process's reads while Kusto lags behind its writes (found in review) -----------
+
+
+def _session(stack: Any, queue_url: str, **options: Any) -> Any:
+    return KustoSaver.from_conn_string(queue_url, stack.cluster, stack.database, **options)
+
+
+def _ids(tuples: Any) -> list[str]:
+    return [t.checkpoint["id"] for t in tuples]
+
+
+def test_wait_for_ingestion_waits_for_deletes_too(stack: Any, private_queue: str) -> None:
+    thread_id = f"wait-delete-{uuid.uuid4().hex[:8]}"
+    config = {"configurable": {"thread_id": thread_id}}
+    with _session(stack, private_queue) as saver:
+        _put(saver, thread_id, {"v": 1})
+        _drain(private_queue, stack)
+        saver.wait_for_ingestion(timeout=10)
+        saver.delete_thread(thread_id)
+        with pytest.raises(IngestionTimeoutError):
+            saver.wait_for_ingestion(timeout=0.3)
+        _drain(private_queue, stack)
+        saver.wait_for_ingestion(timeout=10)
+    with _eventual(stack, private_queue) as other:
+        assert other.get_tuple(config) is None
+
+
+def test_reads_after_a_run_delete_or_prune_kusto_lacks_still_fill_their_page(
+    stack: Any, private_queue: str
+) -> None:
+    """Kusto picks the top rows before this process's hides apply: such reads wait for
+    the delete or prune (one round of the worker here) instead of coming back short."""
+    thread_id = f"hidden-page-{uuid.uuid4().hex[:8]}"
+    config = {"configurable": {"thread_id": thread_id}}
+    with _session(stack, private_queue, cache_max_entries=1) as saver:
+        first, second = _checkpoint({"v": "kept"}, 0), _checkpoint({"v": "gone"}, 1)
+        kept = saver.put(
+            {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
+            first,
+            {"run_id": "run-kept"},  # type: ignore[typeddict-unknown-key]
+            first["channel_versions"],
+        )
+        saver.put(kept, second, {"run_id": "run-gone"}, second["channel_versions"])  # type: ignore[typeddict-unknown-key]
+        _put(saver, f"other-{thread_id}", {"x": 0})  # evicts the thread's entries
+        _drain(private_queue, stack)
+        saver.wait_for_ingestion(timeout=10)
+
+        saver.delete_for_runs(["run-gone"])
+        threading.Timer(0.2, _drain, args=(private_queue, stack)).start()
+        found = saver.get_tuple(config)
+        assert found is not None and found.checkpoint["channel_values"] == {"v": "kept"}
+        assert _ids(saver.list(config, limit=1)) == [found.checkpoint["id"]]
+
+        child = _put(saver, thread_id, {"v": "child"}, step=2, ns="child")
+        _put(saver, thread_id, {"v": "newer"}, step=3)
+        _drain(private_queue, stack)
+        saver.prune([thread_id])  # keeps "newer" and "child"
+        threading.Timer(0.2, _drain, args=(private_queue, stack)).start()
+        assert len(_ids(saver.list(config, limit=2))) == 2
+        assert child["configurable"]["checkpoint_id"] in _ids(saver.list(config, limit=2))
+
+
+def test_list_keeps_own_writes_evicted_while_kusto_is_asked(stack: Any, private_queue: str) -> None:
+    thread_id = f"evicted-meanwhile-{uuid.uuid4().hex[:8]}"
+    config = {"configurable": {"thread_id": thread_id}}
+    with _session(stack, private_queue, cache_max_entries=1) as saver:
+        _put(saver, thread_id, {"v": "mine"})
+        ask_kusto = saver.queries.run
+
+        def another_thread_writes_meanwhile(query: Query) -> Any:
+            saver.queries.run = ask_kusto
+            _put(saver, f"other-{thread_id}", {"x": 0})  # evicts the entry, unconfirmed
+            return ask_kusto(query)
+
+        saver.queries.run = another_thread_writes_meanwhile
+        assert [t.checkpoint["channel_values"] for t in saver.list(config)] == [{"v": "mine"}]
+
+
+def test_a_put_applied_after_this_process_deleted_its_thread_stays_deleted(
+    stack: Any, private_queue: str
+) -> None:
+    thread_id = f"late-put-{uuid.uuid4().hex[:8]}"
+    config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+    with _session(stack, private_queue) as saver:
+        late_put, _ = saver._put_event(config, _checkpoint({"v": "old"}), {"step": 0}, {"v": "1"})
+        saver.delete_thread(thread_id)
+        saver._publish(late_put)  # its send finished after the delete's
+        assert saver.get_tuple(config) is None
+        assert list(saver.list(config)) == []
+        _drain(private_queue, stack)
+        assert saver.get_tuple(config) is None
+
+
+def test_get_tuple_without_a_namespace_reads_the_root_namespace(
+    stack: Any, private_queue: str
+) -> None:
+    thread_id = f"root-ns-{uuid.uuid4().hex[:8]}"
+    with _session(stack, private_queue, cache_max_entries=1) as saver:
+        _put(saver, thread_id, {"v": "root"}, step=0)
+        _drain(private_queue, stack)
+        saver.wait_for_ingestion(timeout=10)
+        _put(saver, thread_id, {"v": "child"}, step=1, ns="child:1")  # evicts the root entry
+        found = saver.get_tuple({"configurable": {"thread_id": thread_id}})
+        assert found is not None and found.checkpoint["channel_values"] == {"v": "root"}
+
+
+def test_delta_channel_history_includes_own_writes_kusto_lacks(
+    stack: Any, private_queue: str
+) -> None:
+    """Writes this process made to a checkpoint another process wrote."""
+    thread_id = f"history-{uuid.uuid4().hex[:8]}"
+    with _eventual(stack, private_queue) as other:
+        parent = _put(other, thread_id, {"v": "seed"}, step=0)
+        child = other.put(parent, _checkpoint({}, 1), {"step": 1}, {})
+    _drain(private_queue, stack)
+    with _session(stack, private_queue) as saver:
+        saver.put_writes(parent, [("v", "mine")], "task")
+        history = saver.get_delta_channel_history(config=child, channels=["v"])
+        assert history["v"] == {"writes": [("task", "v", "mine")], "seed": "seed"}
