@@ -46,6 +46,15 @@ that reference them, as in the official savers, and counted once."""
 
 
 @dataclass(slots=True)
+class _Orphans:
+    """Writes this process made to a checkpoint the cache does not hold."""
+
+    event_ids: set[str] = field(default_factory=set)
+    slots: _WriteSlots = field(default_factory=dict)
+    size: int = BLOB_OVERHEAD_BYTES
+
+
+@dataclass(slots=True)
 class _Entry:
     checkpoint: StoredCheckpoint
     event_ids: set[str]
@@ -71,7 +80,10 @@ class ReadCache:
         self._entries: OrderedDict[CheckpointKey, _Entry] = OrderedDict()
         self._latest: dict[tuple[str, str], str] = {}
         self._blobs: dict[_BlobRef, tuple[StoredValue, int]] = {}
-        self._orphan_writes: dict[CheckpointKey, tuple[set[str], _WriteSlots]] = {}
+        self._orphan_writes: OrderedDict[CheckpointKey, _Orphans] = OrderedDict()
+        self._dropped_orphans: OrderedDict[CheckpointKey, None] = OrderedDict()
+        """Keys whose orphan writes were let go (Kusto holds them, or the bound evicted
+        them): a later put of such a checkpoint is not served whole from the cache."""
         self._pending: dict[str, int] = {}
         """Events published but not yet confirmed in Kusto: event id -> sequence."""
         self._awaited: dict[str, dict[tuple[str, str], set[str]]] = {}
@@ -131,8 +143,12 @@ class ReadCache:
             pending: _WriteSlots = dict(previous.pending_writes) if previous else {}
             event_ids = {event_id} | (previous.event_ids if previous else set())
             if held is not None:
-                event_ids |= held[0]
-                add_writes(pending, held[1].values())
+                self._bytes -= held.size
+                event_ids |= held.event_ids
+                add_writes(pending, held.slots.values())
+            if checkpoint.key in self._dropped_orphans:
+                del self._dropped_orphans[checkpoint.key]
+                complete = False  # some of its writes are only in Kusto now
             if not complete:
                 self._await(checkpoint.key, event_ids)
                 if self._latest.get(ns_key, "") <= checkpoint.checkpoint_id:
@@ -159,9 +175,16 @@ class ReadCache:
             self._pending[event_id] = seq
             entry = self._entries.get(key)
             if entry is None:
-                event_ids, slots = self._orphan_writes.setdefault(key, (set(), {}))
-                event_ids.add(event_id)
-                add_writes(slots, writes)
+                orphans = self._orphan_writes.get(key)
+                if orphans is None:
+                    orphans = self._orphan_writes[key] = _Orphans()
+                    self._bytes += orphans.size
+                orphans.event_ids.add(event_id)
+                grown = add_writes(orphans.slots, writes)
+                orphans.size += grown
+                self._bytes += grown
+                self._orphan_writes.move_to_end(key)
+                self._evict()
                 return
             self._drop_snapshot(entry)
             grown = add_writes(entry.pending_writes, writes)
@@ -175,7 +198,7 @@ class ReadCache:
         with self._lock:
             self._drop(key for key in self._entries if key[0] == thread_id)
             for key in [k for k in self._orphan_writes if k[0] == thread_id]:
-                del self._orphan_writes[key]
+                self._bytes -= self._orphan_writes.pop(key).size
             self._awaited.pop(thread_id, None)
             self._pending[event_id] = seq
             self._deleted[thread_id] = (seq, event_id)
@@ -223,8 +246,12 @@ class ReadCache:
             checkpoint_id = self._latest.get((thread_id, checkpoint_ns))
             if checkpoint_id is None:
                 return None
-            entry = self._entries.get((thread_id, checkpoint_ns, checkpoint_id))
-            return None if entry is None else self._read(entry)
+            key = (thread_id, checkpoint_ns, checkpoint_id)
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return self._read(entry)
 
     def of_thread(self, thread_id: str | None) -> list[StoredCheckpoint]:
         with self._lock:
@@ -238,7 +265,7 @@ class ReadCache:
         """Writes this process made for a checkpoint it did not write itself."""
         with self._lock:
             held = self._orphan_writes.get(key)
-            return [] if held is None else list(held[1].values())
+            return [] if held is None else list(held.slots.values())
 
     def hides(self, checkpoint: StoredCheckpoint) -> bool:
         """Whether a delete or prune this process made hides ``checkpoint`` read from Kusto.
@@ -289,8 +316,9 @@ class ReadCache:
     def confirm(self, ingested_event_ids: Iterable[str]) -> None:
         """Events Kusto has ingested: their entries become plain evictable entries."""
         with self._lock:
+            pending = self._pending
             for event_id in ingested_event_ids:
-                self._pending.pop(event_id, None)
+                pending.pop(event_id, None)
             for thread_id in list(self._awaited):
                 by_checkpoint = self._awaited[thread_id]
                 for key in list(by_checkpoint):
@@ -300,11 +328,10 @@ class ReadCache:
                 if not by_checkpoint:
                     del self._awaited[thread_id]
             for key in [
-                k for k, (ids, _) in self._orphan_writes.items() if not ids & self._pending.keys()
+                k for k, held in self._orphan_writes.items() if not held.event_ids & pending.keys()
             ]:
-                del self._orphan_writes[key]
+                self._drop_orphans(key)
             # Kusto applies a delete or prune it holds itself: the record is no longer needed.
-            pending = self._pending
             self._hiding = {e: scope for e, scope in self._hiding.items() if e in pending}
             self._deleted = {t: r for t, r in self._deleted.items() if r[1] in pending}
             self._deleted_runs = {k: r for k, r in self._deleted_runs.items() if r[1] in pending}
@@ -341,6 +368,18 @@ class ReadCache:
             ns_key = (key[0], key[1])
             if self._latest.get(ns_key) == key[2]:
                 del self._latest[ns_key]
+        while self._orphan_writes and self.over_bound():
+            key = next(iter(self._orphan_writes))
+            unconfirmed = self._orphan_writes[key].event_ids & self._pending.keys()
+            if unconfirmed:
+                self._await(key, unconfirmed)
+            self._drop_orphans(key)
+
+    def _drop_orphans(self, key: CheckpointKey) -> None:
+        self._bytes -= self._orphan_writes.pop(key).size
+        self._dropped_orphans[key] = None
+        while len(self._dropped_orphans) > self.max_entries:
+            self._dropped_orphans.popitem(last=False)
 
     def _await(self, key: CheckpointKey, event_ids: set[str]) -> None:
         by_checkpoint = self._awaited.setdefault(key[0], {})

@@ -266,3 +266,28 @@ def test_a_replaced_special_write_counts_its_bytes_once() -> None:
         )
         cache.put_writes(("t", "", "c1"), [write], f"e{n}", n)  # each replaces the last
     assert cache.size_bytes == before + 1000
+
+
+def test_writes_to_checkpoints_it_does_not_hold_count_against_the_bound() -> None:
+    cache = ReadCache(max_bytes=50_000)
+    for n in range(200):
+        write = StoredWrite("task", "", 0, "v", StoredValue(f"e{n}", n, "b", b"x" * 1000))
+        cache.put_writes(("t", "", f"c{n}"), [write], f"e{n}", n)
+    assert cache.size_bytes <= 50_000
+    assert cache.orphan_writes(("t", "", "c199"))  # the newest are held
+    assert not cache.orphan_writes(("t", "", "c0"))  # the oldest were let go...
+    assert cache.awaited("t", "", "c0") == {"e0": 0}  # ...so reads of them wait for Kusto
+    cache.confirm(f"e{n}" for n in range(200))
+    assert cache.size_bytes == 0
+
+
+def test_a_checkpoint_whose_earlier_writes_were_let_go_is_not_served_whole() -> None:
+    """LangGraph saves a step's writes before its checkpoint: if Kusto confirms the writes
+    in between, the cache drops them, and the put must not then look complete."""
+    cache = ReadCache()
+    write = StoredWrite("task", "", 0, "v", StoredValue("e1", 1, "b", b"w"))
+    cache.put_writes(("t", "", "c1"), [write], "e1", 1)
+    cache.confirm(["e1"])
+    assert not cache.put(_stored("t", "c1"), "e2", 2)
+    assert cache.get(("t", "", "c1")) is None
+    assert cache.awaited("t", "", "c1") == {"e2": 2}
