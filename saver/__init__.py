@@ -33,7 +33,6 @@ from .base import (
     BaseKustoSaver,
     Consistency,
     IngestionTimeoutError,
-    keep_latest,
     one_namespace,
     prune_targets,
     refuse_event_loop_thread,
@@ -150,7 +149,7 @@ class KustoSaver(BaseKustoSaver):
                 continue
             checkpoints = self._stored({"configurable": {"thread_id": thread_id}})
             if checkpoints:
-                self._publish(self._prune_event(thread_id, keep_latest(checkpoints)))
+                self._publish(self._prune_event(thread_id, checkpoints))
 
     def get_delta_channel_history(
         self, *, config: RunnableConfig, channels: Sequence[str]

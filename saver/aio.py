@@ -28,7 +28,6 @@ from .base import (
     POLL_START,
     BaseKustoSaver,
     Consistency,
-    keep_latest,
     one_namespace,
     prune_targets,
 )
@@ -139,7 +138,7 @@ class AsyncKustoSaver(BaseKustoSaver):
                 continue
             checkpoints = await self._stored({"configurable": {"thread_id": thread_id}})
             if checkpoints:
-                await self._publish(self._prune_event(thread_id, keep_latest(checkpoints)))
+                await self._publish(self._prune_event(thread_id, checkpoints))
 
     async def aget_delta_channel_history(
         self, *, config: RunnableConfig, channels: Sequence[str]

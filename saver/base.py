@@ -195,12 +195,13 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             writes=tuple(serialized),
         )
 
-    def _new_event(self, kind: EventKind, **fields: Any) -> Event:
-        """An event with a fresh id, the next sequence number and the publish time."""
+    def _new_event(self, kind: EventKind, *, seq: int | None = None, **fields: Any) -> Event:
+        """An event with a fresh id, the next sequence number (unless given) and the
+        publish time."""
         return Event(
             kind=kind,
             event_id=self._event_ids.next(),
-            seq=self._clock.next(),
+            seq=self._clock.next() if seq is None else seq,
             published_at=time.time(),
             **fields,
         )
@@ -222,11 +223,17 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             run_ids=tuple(run_ids),
         )
 
-    def _prune_event(self, thread_id: str, kept: Iterable[tuple[str, str]]) -> Event:
+    def _prune_event(self, thread_id: str, seen: Sequence[StoredCheckpoint]) -> Event:
+        """``prune(keep_latest)`` of what this process sees of a thread.
+
+        Its sequence is just above the newest checkpoint seen, so it hides only what it saw:
+        a checkpoint another process published meanwhile and Kusto did not have yet
+        survives, as a run appending to a thread during PostgresSaver's prune does."""
         return self._new_event(
             EventKind.PRUNE,
+            seq=max(checkpoint.checkpoint.seq for checkpoint in seen) + 1,
             thread_id=thread_id,
-            kept=tuple(sorted(kept)),
+            kept=tuple(sorted(keep_latest(seen))),
         )
 
     def _copy_events(

@@ -223,8 +223,8 @@ class ReadCache:
         with self._lock:
             self._drop(
                 key
-                for key in self._entries
-                if key[0] == thread_id and (key[1], key[2]) not in survivors
+                for key, entry in self._entries.items()
+                if key[0] == thread_id and self._prunes(entry.checkpoint, seq, survivors)
             )
             self._pending[event_id] = seq
             self._hiding[event_id] = thread_id
@@ -352,10 +352,17 @@ class ReadCache:
         if deleted_run is not None and seq < deleted_run[0]:
             return True
         pruned = self._pruned.get(checkpoint.thread_id)
+        return pruned is not None and self._prunes(checkpoint, pruned[0], pruned[1])
+
+    @staticmethod
+    def _prunes(
+        checkpoint: StoredCheckpoint, seq: int, survivors: frozenset[tuple[str, str]]
+    ) -> bool:
+        """As Kusto applies a prune: older than it, in a namespace it names, not kept."""
         return (
-            pruned is not None
-            and seq < pruned[0]
-            and (checkpoint.checkpoint_ns, checkpoint.checkpoint_id) not in pruned[1]
+            checkpoint.checkpoint.seq < seq
+            and (checkpoint.checkpoint_ns, checkpoint.checkpoint_id) not in survivors
+            and any(ns == checkpoint.checkpoint_ns for ns, _ in survivors)
         )
 
     def _evict(self) -> None:

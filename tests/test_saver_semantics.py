@@ -415,3 +415,22 @@ def test_delta_channel_history_includes_own_writes_kusto_lacks(
         saver.put_writes(parent, [("v", "mine")], "task")
         history = saver.get_delta_channel_history(config=child, channels=["v"])
         assert history["v"] == {"writes": [("task", "v", "mine")], "seed": "seed"}
+
+
+def test_a_prune_spares_what_another_process_published_that_it_did_not_see(
+    stack: Any, private_queue: str
+) -> None:
+    """Deletes never over-delete: a prune hides only checkpoints as new as it saw."""
+    thread_id = f"prune-race-{uuid.uuid4().hex[:8]}"
+    config = {"configurable": {"thread_id": thread_id}}
+    with _session(stack, private_queue) as writer:
+        _put(writer, thread_id, {"v": "seen"}, step=0)
+        _drain(private_queue, stack)
+        _put(writer, thread_id, {"v": "not yet in Kusto"}, step=1)
+        with _eventual(stack, private_queue) as pruner:
+            pruner.prune([thread_id])
+        _drain(private_queue, stack)
+    with _eventual(stack, private_queue) as reader:
+        found = reader.get_tuple(config)
+        assert found is not None
+        assert found.checkpoint["channel_values"] == {"v": "not yet in Kusto"}
