@@ -36,6 +36,7 @@ from .base import (
     one_namespace,
     prune_targets,
     refuse_event_loop_thread,
+    string_ids,
 )
 from .kusto import KustoQueries
 from .queries import Query, channel_history
@@ -133,8 +134,8 @@ class KustoSaver(BaseKustoSaver):
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
         refuse_event_loop_thread()
-        if run_ids:
-            self._publish(self._delete_runs_event(run_ids))
+        if runs := string_ids(run_ids, "run_ids"):
+            self._publish(self._delete_runs_event(runs))
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         refuse_event_loop_thread()

@@ -30,6 +30,7 @@ from .base import (
     Consistency,
     one_namespace,
     prune_targets,
+    string_ids,
 )
 from .kusto import AsyncKustoQueries
 from .queries import Query, channel_history
@@ -124,8 +125,8 @@ class AsyncKustoSaver(BaseKustoSaver):
         await self._publish(self._delete_thread_event(thread_id))
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
-        if run_ids:
-            await self._publish(self._delete_runs_event(run_ids))
+        if runs := string_ids(run_ids, "run_ids"):
+            await self._publish(self._delete_runs_event(runs))
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         source = await self._stored({"configurable": {"thread_id": source_thread_id}})

@@ -215,8 +215,8 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         )
 
     def _delete_runs_event(self, run_ids: Sequence[str]) -> Event:
-        if isinstance(run_ids, str) or not all(isinstance(r, str) for r in run_ids):
-            raise TypeError("run_ids must be a sequence of strings")
+        """Call with ``string_ids(...)``, never with no runs: an event without rows would
+        never be confirmed by Kusto."""
         return self._new_event(
             EventKind.DELETE_RUNS,
             thread_id=RUNS_SESSION,
@@ -571,13 +571,21 @@ NOTHING_KEPT = ""
 """The checkpoint id ``keep_latest`` keeps in a namespace it empties (no id is empty)."""
 
 
-def prune_targets(thread_ids: Sequence[str], strategy: str) -> list[str]:
+def prune_targets(thread_ids: Iterable[str], strategy: str) -> list[str]:
     """The thread ids of a ``prune`` call, after checking its arguments."""
     if strategy not in PRUNE_STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(PRUNE_STRATEGIES)}, got {strategy!r}")
-    if isinstance(thread_ids, str) or not all(isinstance(t, str) for t in thread_ids):
-        raise TypeError("thread_ids must be a sequence of thread id strings, not a single string")
-    return list(thread_ids)
+    return string_ids(thread_ids, "thread_ids")
+
+
+def string_ids(values: Iterable[str], name: str) -> list[str]:
+    """``values`` as a list (an iterator is read once), checked to be strings."""
+    if isinstance(values, str):
+        raise TypeError(f"{name} must be a sequence of strings, not a single string")
+    ids = list(values)
+    if not all(isinstance(value, str) for value in ids):
+        raise TypeError(f"{name} must be a sequence of strings")
+    return ids
 
 
 def keep_latest(checkpoints: Sequence[StoredCheckpoint]) -> set[tuple[str, str]]:

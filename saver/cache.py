@@ -128,6 +128,9 @@ class ReadCache:
                 # send took longer): Kusto hides it by sequence, and so does the cache.
                 return False
             complete = all(c in checkpoint.blobs or ref in self._blobs for c, ref in refs.items())
+            if checkpoint.key in self._dropped_orphans:
+                del self._dropped_orphans[checkpoint.key]
+                complete = False  # some of its writes are only in Kusto now
             if complete:
                 # Hold the new references before releasing an earlier put's, which may be
                 # the only holder of a blob this checkpoint inherits.
@@ -146,9 +149,6 @@ class ReadCache:
                 self._bytes -= held.size
                 event_ids |= held.event_ids
                 add_writes(pending, held.slots.values())
-            if checkpoint.key in self._dropped_orphans:
-                del self._dropped_orphans[checkpoint.key]
-                complete = False  # some of its writes are only in Kusto now
             if not complete:
                 self._await(checkpoint.key, event_ids)
                 if self._latest.get(ns_key, "") <= checkpoint.checkpoint_id:

@@ -291,3 +291,6 @@ def test_a_checkpoint_whose_earlier_writes_were_let_go_is_not_served_whole() -> 
     assert not cache.put(_stored("t", "c1"), "e2", 2)
     assert cache.get(("t", "", "c1")) is None
     assert cache.awaited("t", "", "c1") == {"e2": 2}
+    cache.delete_thread("t", "e3", 3)
+    cache.confirm(["e2", "e3"])
+    assert cache.size_bytes == 0  # the put held no blob it did not keep

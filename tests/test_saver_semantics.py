@@ -434,3 +434,18 @@ def test_a_prune_spares_what_another_process_published_that_it_did_not_see(
         found = reader.get_tuple(config)
         assert found is not None
         assert found.checkpoint["channel_values"] == {"v": "not yet in Kusto"}
+
+
+def test_run_ids_and_thread_ids_may_come_from_an_iterator(stack: Any, private_queue: str) -> None:
+    thread_id = f"iter-{uuid.uuid4().hex[:8]}"
+    config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+    with _session(stack, private_queue) as saver:
+        checkpoint = _checkpoint({"v": 1})
+        saver.put(config, checkpoint, {"run_id": "run-1"}, checkpoint["channel_versions"])  # type: ignore[typeddict-unknown-key]
+        saver.delete_for_runs(iter(["run-1"]))
+        saver.prune(iter([thread_id]), strategy="delete")
+        _drain(private_queue, stack)
+        saver.wait_for_ingestion(timeout=10)  # each event reached Kusto: none was empty
+        assert saver.get_tuple(config) is None
+    with _eventual(stack, private_queue) as other:
+        assert other.get_tuple(config) is None
