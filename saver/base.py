@@ -229,11 +229,10 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         Its sequence is just above the newest checkpoint seen, so it hides only what it saw:
         a checkpoint another process published meanwhile and Kusto did not have yet
         survives, as a run appending to a thread during PostgresSaver's prune does."""
+        seq = max(checkpoint.checkpoint.seq for checkpoint in seen) + 1
+        self._clock.observe(seq)  # what this process writes next sorts after the prune
         return self._new_event(
-            EventKind.PRUNE,
-            seq=max(checkpoint.checkpoint.seq for checkpoint in seen) + 1,
-            thread_id=thread_id,
-            kept=tuple(sorted(keep_latest(seen))),
+            EventKind.PRUNE, seq=seq, thread_id=thread_id, kept=tuple(sorted(keep_latest(seen)))
         )
 
     def _copy_events(
@@ -354,6 +353,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             configurable.get("thread_id"),
             (checkpoint_ns or "") if single else checkpoint_ns,
             configurable.get("checkpoint_id"),
+            hides_since=time.monotonic() - self.strong_timeout,
         )
 
     def _ingestion_timeout(self, waiting_for: int) -> IngestionTimeoutError:
@@ -607,13 +607,12 @@ def keep_latest(checkpoints: Sequence[StoredCheckpoint]) -> set[tuple[str, str]]
     for checkpoint in checkpoints:
         by_ns.setdefault(checkpoint.checkpoint_ns, {})[checkpoint.checkpoint_id] = checkpoint
     roots = by_ns.get("", {})
-    latest_root = max(roots, default=None)
     kept: set[tuple[str, str]] = set()
-    for ns, by_id in by_ns.items():
+    for ns, by_id in sorted(by_ns.items()):  # the root namespace "" first
         latest = by_id[max(by_id)]
         parents = latest.metadata.get("parents")
         root = parents.get("") if isinstance(parents, dict) else None
-        if ":" in ns and root in roots and root != latest_root:
+        if ":" in ns and root in roots and ("", root) not in kept:
             kept.add((ns, NOTHING_KEPT))
             continue
         kept.add((ns, latest.checkpoint_id))

@@ -12,10 +12,13 @@ until Kusto has ingested those events. Kusto confirms events in bulk (``confirm`
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from langgraph.checkpoint.kusto.shared.assembly import (
     CheckpointKey,
@@ -40,6 +43,7 @@ Snapshot = tuple[str, bytes]
 SnapshotFunction = Callable[[StoredCheckpoint], Snapshot | None]
 _NO_SNAPSHOT: Snapshot = ("", b"")
 """Marks an entry the snapshot function declined, so it is not asked again."""
+_R = TypeVar("_R")
 _BlobRef = tuple[str, str, str, str]
 """(thread_id, checkpoint_ns, channel, version): blobs are shared by the checkpoints
 that reference them, as in the official savers, and counted once."""
@@ -88,14 +92,15 @@ class ReadCache:
         """Events published but not yet confirmed in Kusto: event id -> sequence."""
         self._awaited: dict[str, dict[tuple[str, str], set[str]]] = {}
         """thread -> (ns, checkpoint id) -> unconfirmed events of an evicted entry."""
-        self._deleted: dict[str, tuple[int, str]] = {}
-        """thread -> (seq, event id) of its latest delete Kusto may not hold yet."""
-        self._deleted_runs: dict[str, tuple[int, str]] = {}
-        self._pruned: dict[str, tuple[int, frozenset[tuple[str, str]], str]] = {}
-        self._hiding: dict[str, str | None] = {}
-        """Unconfirmed run deletes (-> None: any thread) and prunes (-> thread). Unlike a
-        thread delete, they hide rows *between* visible ones, so Kusto's ``top`` must
-        apply them: reads of their scope wait until Kusto holds them."""
+        self._deleted: OrderedDict[str, int] = OrderedDict()
+        """thread -> seq of this process's latest delete of it (the newest max_entries)."""
+        self._deleted_runs: OrderedDict[str, int] = OrderedDict()
+        self._pruned: OrderedDict[str, tuple[int, frozenset[tuple[str, str]]]] = OrderedDict()
+        self._hiding: dict[str, tuple[str | None, float]] = {}
+        """Unconfirmed run deletes (scope None: any thread) and prunes (scope: their
+        thread), with when they were made. Unlike a thread delete, they hide rows *between*
+        visible ones, so Kusto's ``top`` must apply them: reads of their scope wait until
+        Kusto holds them."""
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -201,7 +206,7 @@ class ReadCache:
                 self._bytes -= self._orphan_writes.pop(key).size
             self._awaited.pop(thread_id, None)
             self._pending[event_id] = seq
-            self._deleted[thread_id] = (seq, event_id)
+            self._record(self._deleted, thread_id, seq)
 
     def delete_runs(self, run_ids: Iterable[str], event_id: str, seq: int) -> None:
         runs = set(run_ids)
@@ -212,9 +217,9 @@ class ReadCache:
                 if entry.checkpoint.metadata.get("run_id") in runs
             )
             self._pending[event_id] = seq
-            self._hiding[event_id] = None
+            self._hiding[event_id] = (None, time.monotonic())
             for run_id in runs:
-                self._deleted_runs[run_id] = (seq, event_id)
+                self._record(self._deleted_runs, run_id, seq)
 
     def prune(
         self, thread_id: str, kept: Iterable[tuple[str, str]], event_id: str, seq: int
@@ -227,8 +232,8 @@ class ReadCache:
                 if key[0] == thread_id and self._prunes(entry.checkpoint, seq, survivors)
             )
             self._pending[event_id] = seq
-            self._hiding[event_id] = thread_id
-            self._pruned[thread_id] = (seq, survivors, event_id)
+            self._hiding[event_id] = (thread_id, time.monotonic())
+            self._record(self._pruned, thread_id, (seq, survivors))
 
     # -- reads --------------------------------------------------------------
 
@@ -276,9 +281,17 @@ class ReadCache:
             return self._hides(checkpoint)
 
     def awaited(
-        self, thread_id: str | None, checkpoint_ns: str | None, checkpoint_id: str | None
+        self,
+        thread_id: str | None,
+        checkpoint_ns: str | None,
+        checkpoint_id: str | None,
+        hides_since: float = -math.inf,
     ) -> dict[str, int]:
-        """Events Kusto must hold before a read of this scope may trust it (id -> seq)."""
+        """Events Kusto must hold before a read of this scope may trust it (id -> seq).
+
+        Run deletes and prunes made before ``hides_since`` (``time.monotonic()``) are no
+        longer waited for: one that never reaches Kusto (dead-lettered) must not block
+        reads for good."""
         with self._lock:
             threads = (
                 self._awaited.values()
@@ -295,8 +308,9 @@ class ReadCache:
                     found.update((e, self._pending[e]) for e in event_ids if e in self._pending)
             found.update(
                 (event_id, self._pending[event_id])
-                for event_id, scope in self._hiding.items()
-                if scope is None or thread_id is None or scope == thread_id
+                for event_id, (scope, made) in self._hiding.items()
+                if made >= hides_since
+                and (scope is None or thread_id is None or scope == thread_id)
             )
             return found
 
@@ -331,11 +345,7 @@ class ReadCache:
                 k for k, held in self._orphan_writes.items() if not held.event_ids & pending.keys()
             ]:
                 self._drop_orphans(key)
-            # Kusto applies a delete or prune it holds itself: the record is no longer needed.
-            self._hiding = {e: scope for e, scope in self._hiding.items() if e in pending}
-            self._deleted = {t: r for t, r in self._deleted.items() if r[1] in pending}
-            self._deleted_runs = {k: r for k, r in self._deleted_runs.items() if r[1] in pending}
-            self._pruned = {t: r for t, r in self._pruned.items() if r[2] in pending}
+            self._hiding = {e: hiding for e, hiding in self._hiding.items() if e in pending}
 
     def over_bound(self) -> bool:
         return len(self._entries) > self.max_entries or self._bytes > self.max_bytes
@@ -344,12 +354,10 @@ class ReadCache:
 
     def _hides(self, checkpoint: StoredCheckpoint) -> bool:
         seq = checkpoint.checkpoint.seq
-        deleted = self._deleted.get(checkpoint.thread_id)
-        if deleted is not None and seq < deleted[0]:
+        if seq < self._deleted.get(checkpoint.thread_id, 0):
             return True
         run_id = checkpoint.metadata.get("run_id")
-        deleted_run = self._deleted_runs.get(str(run_id)) if run_id is not None else None
-        if deleted_run is not None and seq < deleted_run[0]:
+        if run_id is not None and seq < self._deleted_runs.get(str(run_id), 0):
             return True
         pruned = self._pruned.get(checkpoint.thread_id)
         return pruned is not None and self._prunes(checkpoint, pruned[0], pruned[1])
@@ -381,6 +389,14 @@ class ReadCache:
             if unconfirmed:
                 self._await(key, unconfirmed)
             self._drop_orphans(key)
+
+    def _record(self, records: OrderedDict[str, _R], key: str, record: _R) -> None:
+        """Remember a delete or prune (the newest ``max_entries`` of each kind): a put this
+        process made before it but applies after it stays hidden, as in Kusto."""
+        records[key] = record
+        records.move_to_end(key)
+        while len(records) > self.max_entries:
+            records.popitem(last=False)
 
     def _drop_orphans(self, key: CheckpointKey) -> None:
         self._bytes -= self._orphan_writes.pop(key).size

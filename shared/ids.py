@@ -44,3 +44,8 @@ class SequenceClock:
         with self._lock:
             self._last = max(time.time_ns(), self._last + 1)
             return self._last
+
+    def observe(self, seq: int) -> None:
+        """A sequence made elsewhere (a clock running ahead): later ones exceed it."""
+        with self._lock:
+            self._last = max(self._last, seq)

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -294,3 +295,20 @@ def test_a_checkpoint_whose_earlier_writes_were_let_go_is_not_served_whole() -> 
     cache.delete_thread("t", "e3", 3)
     cache.confirm(["e2", "e3"])
     assert cache.size_bytes == 0  # the put held no blob it did not keep
+
+
+def test_a_put_older_than_a_confirmed_delete_stays_hidden() -> None:
+    cache = ReadCache()
+    cache.delete_thread("t", "delete", 10)
+    cache.confirm(["delete"])  # Kusto has the delete; its record stays (bounded)
+    older = _stored("t", "c1")
+    older.checkpoint = StoredValue("put", 5, "bytes", b"c")
+    assert not cache.put(older, "put", 5)
+    assert cache.get(("t", "", "c1")) is None and cache.size_bytes == 0
+
+
+def test_reads_stop_waiting_for_a_run_delete_after_the_given_time() -> None:
+    cache = ReadCache()
+    cache.delete_runs(["run"], "delete", 10)
+    assert cache.awaited("any", "", None) == {"delete": 10}
+    assert cache.awaited("any", "", None, hides_since=time.monotonic() + 1) == {}

@@ -5,6 +5,7 @@ the same on both read paths."""
 from __future__ import annotations
 
 import operator
+import time
 import uuid
 from typing import Annotated, Any, TypedDict
 
@@ -12,6 +13,9 @@ import pytest
 from langgraph.channels.delta import DeltaChannel
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.kusto import AsyncKustoSaver
+from langgraph.checkpoint.kusto.base import keep_latest
+from langgraph.checkpoint.kusto.shared.assembly import StoredCheckpoint
+from langgraph.checkpoint.kusto.shared.rows import StoredValue
 from langgraph.graph import END, START, StateGraph
 
 
@@ -178,3 +182,63 @@ async def test_list_filters_mean_the_same_in_the_cache_and_in_kusto(stack: Any) 
     async with await _reader(stack) as reader:
         from_kusto = await counts(reader)
     assert from_cache == from_kusto == [1, 1, 0, 0, 1]
+
+
+def _stored(ns: str, checkpoint_id: str, parent: str, metadata: dict[str, Any]) -> Any:
+    value = StoredValue(
+        "e", 1, "empty" if metadata.get("counters_since_delta_snapshot") else "json", b""
+    )
+    return StoredCheckpoint(
+        thread_id="t",
+        checkpoint_ns=ns,
+        checkpoint_id=checkpoint_id,
+        parent_checkpoint_id=parent,
+        checkpoint=StoredValue("e", 1, "json", b"{}"),
+        metadata=metadata,
+        channel_versions={"items": checkpoint_id},
+        blobs={"items": value},
+    )
+
+
+def test_a_subgraph_call_stays_while_its_root_checkpoint_is_kept() -> None:
+    """The root's latest checkpoint needs its parent for a DeltaChannel; the call that
+    started from that parent stays with it, an older call goes."""
+    delta = {"counters_since_delta_snapshot": {"items": [1, 1]}}
+    checkpoints = [
+        _stored("", "r1", "", {}),  # a snapshot
+        _stored("", "r2", "r1", delta),
+        _stored("", "r3", "r2", delta),
+        _stored("call:a", "a1", "", {"parents": {"": "r1"}}),
+        _stored("call:b", "b1", "", {"parents": {"": "r2"}}),
+    ]
+    checkpoints[0].blobs["items"] = StoredValue("e", 1, "json", b"[]")
+    kept = keep_latest(checkpoints)
+    assert ("", "r1") in kept and ("", "r2") in kept and ("", "r3") in kept
+    assert ("call:b", "b1") in kept and ("call:a", "a1") in kept
+
+
+async def test_checkpoints_written_after_a_prune_of_a_clock_ahead_writer_stay(
+    stack: Any,
+) -> None:
+    """The prune's sequence comes from the newest checkpoint seen; this process's clock
+    moves past it, so what it writes next is not hidden by its own prune."""
+    config = _thread()
+    start = {"configurable": {**config["configurable"], "checkpoint_ns": ""}}
+    async with AsyncKustoSaver.from_conn_string(
+        stack.queue_url, stack.cluster, stack.database
+    ) as ahead:
+        ahead._clock.observe(time.time_ns() + 5 * 10**9)
+        await ahead.aput(start, empty_checkpoint(), {"step": 0}, {})  # type: ignore[typeddict-item]
+        await ahead.wait_for_ingestion()
+    async with AsyncKustoSaver.from_conn_string(
+        stack.queue_url, stack.cluster, stack.database
+    ) as saver:
+        await saver.aprune([config["configurable"]["thread_id"]])
+        after = empty_checkpoint()
+        await saver.aput(start, after, {"step": 1}, {})  # type: ignore[typeddict-item]
+        await saver.wait_for_ingestion()
+        found = await saver.aget_tuple(config)
+        assert found is not None and found.checkpoint["id"] == after["id"]
+    async with await _reader(stack) as reader:
+        found = await reader.aget_tuple(config)
+        assert found is not None and found.checkpoint["id"] == after["id"]
