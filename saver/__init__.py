@@ -33,6 +33,7 @@ from .base import (
     BaseKustoSaver,
     Consistency,
     IngestionTimeoutError,
+    namespace_of,
     one_namespace,
     prune_targets,
     refuse_event_loop_thread,
@@ -158,19 +159,11 @@ class KustoSaver(BaseKustoSaver):
         refuse_event_loop_thread()
         if not channels:
             return {}
-        configurable = config["configurable"]
-        thread_id, checkpoint_ns = (
-            configurable["thread_id"],
-            configurable.get("checkpoint_ns") or "",
-        )
-        # The walk may reach any checkpoint of the namespace, not only the one asked for.
-        scope: RunnableConfig = {
-            "configurable": {"thread_id": thread_id, "checkpoint_ns": checkpoint_ns}
-        }
+        scope = namespace_of(config)  # the walk may reach any checkpoint of it
         cached_scope = self._cached_scope(scope)
         if awaited := self._awaited(scope, single=True):
             self._wait_ingested(awaited)
-        rows = self.queries.run(channel_history(thread_id, checkpoint_ns, channels))
+        rows = self.queries.run(channel_history(**scope["configurable"], channels=channels))
         return self._history(assemble_channel_history(rows), cached_scope, config, channels)
 
     # -- reads --------------------------------------------------------------

@@ -28,6 +28,7 @@ from .base import (
     POLL_START,
     BaseKustoSaver,
     Consistency,
+    namespace_of,
     one_namespace,
     prune_targets,
     string_ids,
@@ -146,19 +147,11 @@ class AsyncKustoSaver(BaseKustoSaver):
     ) -> Mapping[str, DeltaChannelHistory]:
         if not channels:
             return {}
-        configurable = config["configurable"]
-        thread_id, checkpoint_ns = (
-            configurable["thread_id"],
-            configurable.get("checkpoint_ns") or "",
-        )
-        # The walk may reach any checkpoint of the namespace, not only the one asked for.
-        scope: RunnableConfig = {
-            "configurable": {"thread_id": thread_id, "checkpoint_ns": checkpoint_ns}
-        }
+        scope = namespace_of(config)  # the walk may reach any checkpoint of it
         cached_scope = self._cached_scope(scope)
         if awaited := self._awaited(scope, single=True):
             await self._wait_ingested(awaited)
-        rows = await self.queries.run(channel_history(thread_id, checkpoint_ns, channels))
+        rows = await self.queries.run(channel_history(**scope["configurable"], channels=channels))
         return self._history(assemble_channel_history(rows), cached_scope, config, channels)
 
     # -- reads --------------------------------------------------------------

@@ -699,6 +699,17 @@ def _merged_writes(
     return sorted(slots.values(), key=lambda w: w.sort_key)
 
 
+def namespace_of(config: RunnableConfig) -> RunnableConfig:
+    """The whole namespace ``config`` points into (no checkpoint id)."""
+    configurable = config["configurable"]
+    return {
+        "configurable": {
+            "thread_id": configurable["thread_id"],
+            "checkpoint_ns": configurable.get("checkpoint_ns") or "",
+        }
+    }
+
+
 def one_namespace(config: RunnableConfig) -> RunnableConfig:
     """``get_tuple``'s scope: one namespace, the root one unless the config names another."""
     configurable = config["configurable"]
