@@ -312,3 +312,20 @@ def test_reads_stop_waiting_for_a_run_delete_after_the_given_time() -> None:
     cache.delete_runs(["run"], "delete", 10)
     assert cache.awaited("any", "", None) == {"delete": 10}
     assert cache.awaited("any", "", None, hides_since=time.monotonic() + 1) == {}
+
+
+def test_confirming_events_releases_exactly_what_waited_on_them() -> None:
+    cache = ReadCache(max_entries=1)
+    for n in range(100):
+        cache.put(_stored("t", f"c{n:03}"), f"e{n}", n)  # each put evicts the one before
+        write = StoredWrite("task", "", 0, "v", StoredValue(f"w{n}", n, "b", b"w"))
+        cache.put_writes(("other", "", f"c{n:03}"), [write], f"w{n}", n)
+    assert cache.awaited("t", "", "c000") == {"e0": 0}
+    cache.confirm([f"e{n}" for n in range(50)] + [f"w{n}" for n in range(50)])
+    assert cache.awaited("t", "", "c010") == {}
+    assert cache.awaited("t", "", "c060") == {"e60": 60}
+    assert not cache.orphan_writes(("other", "", "c010"))
+    assert cache.orphan_writes(("other", "", "c060"))
+    cache.confirm([f"e{n}" for n in range(100)] + [f"w{n}" for n in range(100)])
+    assert cache.awaited("t", None, None) == {} and cache.pending_count() == 0
+    assert cache._waiting_on == {} and cache._awaited == {}
