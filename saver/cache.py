@@ -56,6 +56,7 @@ class _Orphans:
     event_ids: set[str] = field(default_factory=set)
     slots: _WriteSlots = field(default_factory=dict)
     size: int = BLOB_OVERHEAD_BYTES
+    used: int = 0
 
 
 @dataclass(slots=True)
@@ -65,6 +66,9 @@ class _Entry:
     size: int
     pending_writes: _WriteSlots = field(default_factory=dict)
     snapshot: Snapshot | None = None
+    used: int = 0
+    """When it was last used, on the clock ``_use`` advances (entries and orphan writes
+    share it, so eviction is least-recently-used across both)."""
 
 
 class ReadCache:
@@ -106,6 +110,7 @@ class ReadCache:
         visible ones, so Kusto's ``top`` must apply them: reads of their scope wait until
         Kusto holds them."""
         self._bytes = 0
+        self._uses = 0
         self._lock = threading.Lock()
 
     @property
@@ -169,7 +174,9 @@ class ReadCache:
                 + len(checkpoint.checkpoint.data)
                 + sum(len(w.value.data) for w in pending.values())
             )
-            self._entries[checkpoint.key] = _Entry(checkpoint, event_ids, size, pending)
+            self._entries[checkpoint.key] = _Entry(
+                checkpoint, event_ids, size, pending, used=self._use()
+            )
             self._bytes += size
             if checkpoint.checkpoint_id >= self._latest.get(ns_key, ""):
                 self._latest[ns_key] = checkpoint.checkpoint_id
@@ -194,6 +201,7 @@ class ReadCache:
                 orphans.size += grown
                 self._bytes += grown
                 self._orphan_writes.move_to_end(key)
+                orphans.used = self._use()
                 self._evict()
                 return
             self._drop_snapshot(entry)
@@ -201,7 +209,7 @@ class ReadCache:
             entry.size += grown
             self._bytes += grown
             entry.event_ids.add(event_id)
-            self._entries.move_to_end(key)
+            self._touch(key)
             self._evict()
 
     def delete_thread(self, thread_id: str, event_id: str, seq: int) -> None:
@@ -248,7 +256,7 @@ class ReadCache:
             entry = self._entries.get(key)
             if entry is None:
                 return None
-            self._entries.move_to_end(key)
+            self._touch(key)
             return self._read(entry)
 
     def latest(self, thread_id: str, checkpoint_ns: str) -> Snapshot | StoredCheckpoint | None:
@@ -260,7 +268,7 @@ class ReadCache:
             entry = self._entries.get(key)
             if entry is None:
                 return None
-            self._entries.move_to_end(key)
+            self._touch(key)
             return self._read(entry)
 
     def of_thread(self, thread_id: str | None) -> list[StoredCheckpoint]:
@@ -379,22 +387,37 @@ class ReadCache:
             and any(ns == checkpoint.checkpoint_ns for ns, _ in survivors)
         )
 
+    def _use(self) -> int:
+        self._uses += 1
+        return self._uses
+
+    def _touch(self, key: CheckpointKey) -> None:
+        self._entries.move_to_end(key)
+        self._entries[key].used = self._use()
+
     def _evict(self) -> None:
-        while self._entries and self.over_bound():
-            key, entry = self._entries.popitem(last=False)
-            self._release(entry)
-            unconfirmed = entry.event_ids & self._pending.keys()
-            if unconfirmed:
-                self._await(key, unconfirmed)
-            ns_key = (key[0], key[1])
-            if self._latest.get(ns_key) == key[2]:
-                del self._latest[ns_key]
-        while self._orphan_writes and self.over_bound():
-            key = next(iter(self._orphan_writes))
-            unconfirmed = self._orphan_writes[key].event_ids & self._pending.keys()
-            if unconfirmed:
-                self._await(key, unconfirmed)
-            self._drop_orphans(key)
+        """Least recently used first, entries and orphan writes alike."""
+        while self.over_bound() and (self._entries or self._orphan_writes):
+            entry_key = next(iter(self._entries), None)
+            orphan_key = next(iter(self._orphan_writes), None)
+            if entry_key is not None and (
+                orphan_key is None
+                or len(self._entries) > self.max_entries
+                or self._entries[entry_key].used < self._orphan_writes[orphan_key].used
+            ):
+                self._evict_entry(entry_key)
+            else:
+                assert orphan_key is not None
+                self._await(orphan_key, self._orphan_writes[orphan_key].event_ids)
+                self._drop_orphans(orphan_key)
+
+    def _evict_entry(self, key: CheckpointKey) -> None:
+        entry = self._entries.pop(key)
+        self._release(entry)
+        self._await(key, entry.event_ids)
+        ns_key = (key[0], key[1])
+        if self._latest.get(ns_key) == key[2]:
+            del self._latest[ns_key]
 
     def _record(self, records: OrderedDict[str, _R], key: str, record: _R) -> None:
         """Remember a delete or prune (the newest ``max_entries`` of each kind): a put this

@@ -329,3 +329,15 @@ def test_confirming_events_releases_exactly_what_waited_on_them() -> None:
     cache.confirm([f"e{n}" for n in range(100)] + [f"w{n}" for n in range(100)])
     assert cache.awaited("t", None, None) == {} and cache.pending_count() == 0
     assert cache._waiting_on == {} and cache._awaited == {}
+
+
+def test_eviction_is_least_recently_used_across_entries_and_orphan_writes() -> None:
+    cache = ReadCache(max_bytes=20_000)
+    for n in range(10):  # older: writes to checkpoints it does not hold
+        write = StoredWrite("task", "", 0, "v", StoredValue(f"w{n}", n, "b", b"w" * 1000))
+        cache.put_writes(("other", "", f"c{n}"), [write], f"w{n}", n)
+    for n in range(5):  # newer: checkpoints it wrote, which push the cache over its bound
+        cache.put(_stored("t", f"c{n}", size=1000), f"e{n}", 10 + n)
+    assert all(cache.get(("t", "", f"c{n}")) is not None for n in range(5))
+    assert not cache.orphan_writes(("other", "", "c0"))  # the oldest went first
+    assert cache.size_bytes <= 20_000
