@@ -272,6 +272,8 @@ class AsyncKustoSaver(BaseKustoSaver):
         """Send the events' messages in one call; in ``strong`` mode wait for Kusto."""
         if not events:
             return
+        if self.cache is not None and not self.cache.room_for(len(events)):
+            await self._wait_ingested(self.cache.pending_events(), room_for=len(events))
         messages = [m for event in events for m in self._messages(event)]
         await self.outbox.send(messages)
         if self.consistency is Consistency.STRONG:
@@ -282,25 +284,37 @@ class AsyncKustoSaver(BaseKustoSaver):
             assert self.cache is not None
             oldest = self.cache.oldest_pending_seq()
             if oldest is not None:
-                rows = await self.queries.run(self._ingested_query(oldest))
-                self.cache.confirm(str(row["EventId"]) for row in rows)
+                await self._confirm(oldest)
 
-    async def _wait_ingested(self, events: dict[str, int], timeout: float | None = None) -> None:
-        """Poll Kusto until it holds ``events`` (event id -> seq), backing off."""
+    async def _confirm(self, since: int) -> set[str]:
+        """Which of this saver's events from ``since`` on Kusto holds; the cache lets go of them."""
+        rows = await self.queries.run(self._ingested_query(since))
+        ingested = {str(row["EventId"]) for row in rows}
+        if self.cache is not None:
+            self.cache.confirm(ingested)
+        return ingested
+
+    async def _wait_ingested(
+        self, events: dict[str, int], timeout: float | None = None, *, room_for: int = 0
+    ) -> None:
+        """Poll Kusto until it holds ``events`` (event id -> seq), backing off.
+
+        With ``room_for``, only until the cache has room for that many more unconfirmed
+        events: this process is so far ahead of the ingestor that remembering its
+        unconfirmed events fills the byte bound, and the write waiting for room is not sent.
+        """
         remaining = dict(events)
         deadline = time.monotonic() + (self.strong_timeout if timeout is None else timeout)
         delay = POLL_START
         while remaining:
-            rows = await self.queries.run(self._ingested_query(min(remaining.values())))
-            ingested = {str(row["EventId"]) for row in rows}
-            if self.cache is not None:
-                self.cache.confirm(ingested)
-            for event_id in ingested:
+            for event_id in await self._confirm(min(remaining.values())):
                 remaining.pop(event_id, None)
             if not remaining:
                 return
+            if room_for and self.cache is not None and self.cache.room_for(room_for):
+                return
             if time.monotonic() > deadline:
-                raise self._ingestion_timeout(len(remaining))
+                raise self._ingestion_timeout(len(remaining), refused=room_for > 0)
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
 

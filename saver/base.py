@@ -69,7 +69,10 @@ EMPTY_TYPE = "empty"
 
 
 class IngestionTimeoutError(TimeoutError):
-    """A ``strong`` write was not queryable in Kusto in time; it is still queued."""
+    """Kusto did not ingest this process's events in time (a ``strong`` write, a read
+    waiting for this process's own writes, or a write refused because the ingestor is so
+    far behind that remembering the unconfirmed events fills the cache's byte bound). The
+    message says whether the write was sent."""
 
 
 class BaseKustoSaver(BaseCheckpointSaver[str]):
@@ -356,7 +359,15 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             hides_since=time.monotonic() - self.strong_timeout,
         )
 
-    def _ingestion_timeout(self, waiting_for: int) -> IngestionTimeoutError:
+    def _ingestion_timeout(self, waiting_for: int, refused: bool = False) -> IngestionTimeoutError:
+        if refused:
+            assert self.cache is not None
+            return IngestionTimeoutError(
+                f"{waiting_for} events this process published are not in Kusto yet and "
+                f"remembering them fills cache_max_bytes ({self.cache.max_bytes:,} bytes); "
+                f"after waiting {self.strong_timeout}s for the ingestor this write was not "
+                "sent. Is the ingestor worker running?"
+            )
         return IngestionTimeoutError(
             f"{waiting_for} published events are not queryable in Kusto after "
             f"{self.strong_timeout}s; they are still queued. Is the ingestor worker running?"

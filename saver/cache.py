@@ -6,8 +6,11 @@ serialized as one value by the saver, so later reads are a single decode.
 
 Eviction is least-recently-used. Evicting an entry whose events Kusto has not
 confirmed yet would let a later read return older state than this process wrote, so the
-cache remembers such keys (a few bytes each) as *awaited*: a read of them first waits
-until Kusto has ingested those events. Kusto confirms events in bulk (``confirm``).
+cache remembers such keys as *awaited*: a read of them first waits until Kusto has
+ingested those events. Kusto confirms events in bulk (``confirm``). What the cache
+remembers of an unconfirmed event counts against the byte bound too: with the worker far
+behind or down, that bookkeeping alone can fill the bound, and the saver then waits for
+confirmations before it publishes more (``room_for``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ ENTRY_OVERHEAD_BYTES = 1_200
 byte bound so that it bounds the process's memory, not just the payloads. Measured on
 CPython 3.11 with small metadata: ~1.2 KB per entry plus ~0.4 KB per distinct blob."""
 BLOB_OVERHEAD_BYTES = 400
+PENDING_EVENT_BYTES = 1_100
+"""What the cache remembers of one unconfirmed event: its id and sequence and, once its
+entry is evicted, the awaited key and the index back to it. Measured on CPython 3.11:
+~1,090 bytes for an event of an evicted entry (10,000 threads)."""
 
 _WriteSlots = dict[tuple[str, int], StoredWrite]
 Snapshot = tuple[str, bytes]
@@ -136,10 +143,11 @@ class ReadCache:
             for channel, version in checkpoint.channel_versions.items()
         }
         with self._lock:
-            self._pending[event_id] = seq
+            self._add_pending(event_id, seq)
             if self._hides(checkpoint):
                 # Published before a delete this process made, but applied after it (its
                 # send took longer): Kusto hides it by sequence, and so does the cache.
+                self._evict()
                 return False
             complete = all(c in checkpoint.blobs or ref in self._blobs for c, ref in refs.items())
             if checkpoint.key in self._dropped_orphans:
@@ -167,6 +175,7 @@ class ReadCache:
                 self._await(checkpoint.key, event_ids)
                 if self._latest.get(ns_key, "") <= checkpoint.checkpoint_id:
                     self._latest.pop(ns_key, None)
+                self._evict()
                 return False
             checkpoint.blobs = {}
             size = (
@@ -188,7 +197,7 @@ class ReadCache:
     ) -> None:
         """Record pending writes; for a checkpoint not cached they wait for Kusto."""
         with self._lock:
-            self._pending[event_id] = seq
+            self._add_pending(event_id, seq)
             entry = self._entries.get(key)
             if entry is None:
                 orphans = self._orphan_writes.get(key)
@@ -218,8 +227,9 @@ class ReadCache:
             for key in [k for k in self._orphan_writes if k[0] == thread_id]:
                 self._bytes -= self._orphan_writes.pop(key).size
             self._awaited.pop(thread_id, None)
-            self._pending[event_id] = seq
+            self._add_pending(event_id, seq)
             self._record(self._deleted, thread_id, seq)
+            self._evict()
 
     def delete_runs(self, run_ids: Iterable[str], event_id: str, seq: int) -> None:
         runs = set(run_ids)
@@ -229,10 +239,11 @@ class ReadCache:
                 for key, entry in self._entries.items()
                 if entry.checkpoint.metadata.get("run_id") in runs
             )
-            self._pending[event_id] = seq
+            self._add_pending(event_id, seq)
             self._hiding[event_id] = (None, time.monotonic())
             for run_id in runs:
                 self._record(self._deleted_runs, run_id, seq)
+            self._evict()
 
     def prune(
         self, thread_id: str, kept: Iterable[tuple[str, str]], event_id: str, seq: int
@@ -244,9 +255,10 @@ class ReadCache:
                 for key, entry in self._entries.items()
                 if key[0] == thread_id and self._prunes(entry.checkpoint, seq, survivors)
             )
-            self._pending[event_id] = seq
+            self._add_pending(event_id, seq)
             self._hiding[event_id] = (thread_id, time.monotonic())
             self._record(self._pruned, thread_id, (seq, survivors))
+            self._evict()
 
     # -- reads --------------------------------------------------------------
 
@@ -347,6 +359,7 @@ class ReadCache:
             for event_id in ingested_event_ids:
                 if pending.pop(event_id, None) is None:
                     continue
+                self._bytes -= PENDING_EVENT_BYTES
                 self._hiding.pop(event_id, None)
                 for key in self._waiting_on.pop(event_id, ()):
                     by_checkpoint = self._awaited.get(key[0], {})
@@ -363,6 +376,11 @@ class ReadCache:
 
     def over_bound(self) -> bool:
         return len(self._entries) > self.max_entries or self._bytes > self.max_bytes
+
+    def room_for(self, events: int) -> bool:
+        """Whether ``events`` more unconfirmed events fit the byte bound, entries evicted
+        as needed: what is remembered of unconfirmed events cannot be evicted."""
+        return (len(self._pending) + events) * PENDING_EVENT_BYTES <= self.max_bytes
 
     # -- internals (lock held) --------------------------------------------------
 
@@ -418,6 +436,11 @@ class ReadCache:
         ns_key = (key[0], key[1])
         if self._latest.get(ns_key) == key[2]:
             del self._latest[ns_key]
+
+    def _add_pending(self, event_id: str, seq: int) -> None:
+        if event_id not in self._pending:
+            self._bytes += PENDING_EVENT_BYTES
+        self._pending[event_id] = seq
 
     def _record(self, records: OrderedDict[str, _R], key: str, record: _R) -> None:
         """Remember a delete or prune (the newest ``max_entries`` of each kind): a put this
