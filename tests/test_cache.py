@@ -226,7 +226,7 @@ def test_with_the_worker_down_unconfirmed_events_stay_in_the_bound_and_writes_wa
             for i in range(100):
                 written[f"{prefix}-{i}"] = _put_on_thread(saver, f"{prefix}-{i}")
         assert saver.cache is not None
-        assert 30 <= len(written) <= 40
+        assert len(written) == 40  # what the bound holds: 40 unconfirmed events
         assert saver.cache.size_bytes <= max_bytes
         queue = open_queue(private_queue)
         assert queue.depth() == len(written)  # the refused write is not in the outbox
@@ -264,7 +264,7 @@ async def test_async_writes_wait_for_room_and_are_refused_unsent(
                 config = {"configurable": {"thread_id": f"async-backlog-{i}", "checkpoint_ns": ""}}
                 await saver.aput(config, empty_checkpoint(), {}, {})
                 sent += 1
-        assert 10 <= sent <= 20
+        assert sent == 20
         queue = open_queue(private_queue)
         try:
             assert queue.depth() == sent
