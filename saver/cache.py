@@ -20,7 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from langgraph.checkpoint.kusto.shared.assembly import (
@@ -255,6 +255,11 @@ class ReadCache:
                 for key, entry in self._entries.items()
                 if key[0] == thread_id and self._prunes(entry.checkpoint, seq, survivors)
             )
+            for key, entry in self._entries.items():  # a survivor whose parent goes: none
+                parent = (key[1], entry.checkpoint.parent_checkpoint_id)
+                if key[0] == thread_id and key[1:] in survivors and parent not in survivors:
+                    entry.checkpoint = replace(entry.checkpoint, parent_checkpoint_id="")
+                    self._drop_snapshot(entry)
             self._add_pending(event_id, seq)
             self._hiding[event_id] = (thread_id, time.monotonic())
             self._record(self._pruned, thread_id, (seq, survivors))

@@ -78,9 +78,15 @@ let BlobRows = Live
     | join kind=leftsemi Keys on ThreadId, CheckpointNs, BlobKey;
 let Wanted = union TargetRows, BlobRows
     | project RowId;
+let PrunedParents = Pruned
+    | project ThreadId, CheckpointNs, ParentCheckpointId = CheckpointId, ParentPruned = true;
 Scope
 | join kind=leftsemi Wanted on RowId
-| summarize arg_max(EventSeq, *) by RowId"""
+| summarize arg_max(EventSeq, *) by RowId
+| join kind=leftouter PrunedParents on ThreadId, CheckpointNs, ParentCheckpointId
+| extend ParentCheckpointId = iff(isnull(ParentPruned), ParentCheckpointId, "")
+| project-away ThreadId1, CheckpointNs1, ParentCheckpointId1, ParentPruned"""
+"""A kept checkpoint whose parent a prune removed has no parent, as in PostgresSaver."""
 
 CHANNEL_HISTORY = """\
 {visible}

@@ -76,6 +76,16 @@ async def _checkpoints(saver: AsyncKustoSaver, config: dict[str, Any]) -> list[t
     ]
 
 
+async def _parents(saver: AsyncKustoSaver, config: dict[str, Any]) -> list[str | None]:
+    """Each checkpoint's parent id, newest first."""
+    return [
+        c.parent_config and c.parent_config["configurable"]["checkpoint_id"]
+        async for c in saver.alist(
+            {"configurable": {"thread_id": config["configurable"]["thread_id"]}}
+        )
+    ]
+
+
 async def _reader(stack: Any) -> Any:
     return AsyncKustoSaver.from_conn_string(
         stack.queue_url, stack.cluster, stack.database, consistency="eventual"
@@ -98,10 +108,12 @@ async def test_keep_latest_keeps_one_checkpoint_of_a_graph_without_delta_channel
 
         assert await _checkpoints(saver, config) == latest
         assert (await app.aget_state(config)).values == before
+        assert await _parents(saver, config) == [None]  # its parent is gone, as in Postgres
         await saver.wait_for_ingestion()
     async with await _reader(stack) as reader:
         assert await _checkpoints(reader, config) == latest
         assert (await two_steps(reader).aget_state(config)).values == before
+        assert await _parents(reader, config) == [None]
 
 
 async def test_keep_latest_drops_subgraph_calls_with_their_root_checkpoint(stack: Any) -> None:
@@ -137,9 +149,12 @@ async def test_keep_latest_keeps_what_a_delta_channel_is_rebuilt_from(stack: Any
         kept = await _checkpoints(saver, config)
         assert 1 < len(kept) < 10  # the walk back to a snapshot, not the whole thread
         assert (await app.aget_state(config)).values == before
+        parents = await _parents(saver, config)
+        assert parents[-1] is None and None not in parents[:-1]  # the oldest kept lost its
         await saver.wait_for_ingestion()
     async with await _reader(stack) as reader:
         assert await _checkpoints(reader, config) == kept
+        assert await _parents(reader, config) == parents
         assert (await delta_steps(reader).aget_state(config)).values == before
 
 
