@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -226,13 +226,13 @@ class KustoSaver(BaseKustoSaver):
             self._remember(event)
         if self._confirmation_due():
             assert self.cache is not None
-            oldest = self.cache.oldest_pending_seq()
-            if oldest is not None:
-                self._confirm(oldest)
+            if pending := self.cache.pending_events():
+                self._confirm(pending.values())
 
-    def _confirm(self, since: int) -> set[str]:
-        """Which of this saver's events from ``since`` on Kusto holds; the cache lets go of them."""
-        rows = self.queries.run(self._ingested_query(since))
+    def _confirm(self, seqs: Iterable[int]) -> set[str]:
+        """Which of this saver's events of these sequences Kusto holds; the cache lets go
+        of them."""
+        rows = self.queries.run(self._ingested_query(seqs))
         ingested = {str(row["EventId"]) for row in rows}
         if self.cache is not None:
             self.cache.confirm(ingested)
@@ -251,7 +251,7 @@ class KustoSaver(BaseKustoSaver):
         deadline = time.monotonic() + (self.strong_timeout if timeout is None else timeout)
         delay = POLL_START
         while remaining:
-            for event_id in self._confirm(min(remaining.values())):
+            for event_id in self._confirm(remaining.values()):
                 remaining.pop(event_id, None)
             if not remaining:
                 return

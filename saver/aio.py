@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -282,13 +282,13 @@ class AsyncKustoSaver(BaseKustoSaver):
             self._remember(event)
         if self._confirmation_due():
             assert self.cache is not None
-            oldest = self.cache.oldest_pending_seq()
-            if oldest is not None:
-                await self._confirm(oldest)
+            if pending := self.cache.pending_events():
+                await self._confirm(pending.values())
 
-    async def _confirm(self, since: int) -> set[str]:
-        """Which of this saver's events from ``since`` on Kusto holds; the cache lets go of them."""
-        rows = await self.queries.run(self._ingested_query(since))
+    async def _confirm(self, seqs: Iterable[int]) -> set[str]:
+        """Which of this saver's events of these sequences Kusto holds; the cache lets go
+        of them."""
+        rows = await self.queries.run(self._ingested_query(seqs))
         ingested = {str(row["EventId"]) for row in rows}
         if self.cache is not None:
             self.cache.confirm(ingested)
@@ -307,7 +307,7 @@ class AsyncKustoSaver(BaseKustoSaver):
         deadline = time.monotonic() + (self.strong_timeout if timeout is None else timeout)
         delay = POLL_START
         while remaining:
-            for event_id in await self._confirm(min(remaining.values())):
+            for event_id in await self._confirm(remaining.values()):
                 remaining.pop(event_id, None)
             if not remaining:
                 return

@@ -343,8 +343,8 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         self._last_confirm = now
         return True
 
-    def _ingested_query(self, since: int) -> Query:
-        return ingested_events(self._event_ids.prefix, since)
+    def _ingested_query(self, seqs: Iterable[int]) -> Query:
+        return ingested_events(self._event_ids.prefix, seqs)
 
     def _awaited(self, config: RunnableConfig | None, *, single: bool) -> dict[str, int]:
         """Events to wait for before Kusto's answer about ``config`` can be trusted."""

@@ -349,10 +349,6 @@ class ReadCache:
     def pending_count(self) -> int:
         return len(self._pending)
 
-    def oldest_pending_seq(self) -> int | None:
-        with self._lock:
-            return min(self._pending.values(), default=None)
-
     def pending_events(self) -> dict[str, int]:
         with self._lock:
             return dict(self._pending)

@@ -7,7 +7,8 @@ trip. Redelivered copies are dropped by ``RowId``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import heapq
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,11 +168,13 @@ def _visible() -> str:
     return VISIBLE_CHECKPOINTS.format(table=TABLE)
 
 
+_KQL_TYPES = {bool: "bool", int: "long"}
+
+
 def _declared(body: str, parameters: Mapping[str, Any]) -> Query:
     """Prefix ``declare query_parameters``, typed from the values."""
     declarations = ", ".join(
-        f"{name}:{'bool' if isinstance(value, bool) else 'string'}"
-        for name, value in parameters.items()
+        f"{name}:{_KQL_TYPES.get(type(value), 'string')}" for name, value in parameters.items()
     )
     return Query(f"declare query_parameters({declarations});\n{body}", dict(parameters))
 
@@ -199,12 +202,36 @@ def _filter_pairs(metadata_filter: Mapping[str, Any]) -> list[str]:
 
 
 INGESTED_EVENTS = """\
-declare query_parameters(publisher:string, since:long);
 {table}
-| where EventSeq >= since and EventId startswith publisher
+| where EventId startswith publisher and ({ranges})
 | summarize by EventId"""
 
+MAX_SEQ_RANGES = 8
 
-def ingested_events(publisher: str, since: int) -> Query:
-    """Which events of one publisher (saver instance) with ``seq >= since`` Kusto holds."""
-    return Query(INGESTED_EVENTS.format(table=TABLE), {"publisher": publisher, "since": since})
+
+def ingested_events(publisher: str, seqs: Iterable[int]) -> Query:
+    """Which of one publisher's (saver instance's) events, of these sequences, Kusto holds.
+
+    The sequences are covered by at most ``MAX_SEQ_RANGES`` ranges, cut at the widest gaps:
+    with one range from the oldest, an event Kusto never got (dead-lettered) made every
+    later answer list all the publisher had written since.
+    """
+    ranges = seq_ranges(seqs, MAX_SEQ_RANGES)
+    parameters: dict[str, Any] = {"publisher": publisher}
+    for i, (low, high) in enumerate(ranges):
+        parameters[f"low{i}"], parameters[f"high{i}"] = low, high
+    covered = " or ".join(f"EventSeq between (low{i} .. high{i})" for i in range(len(ranges)))
+    return _declared(INGESTED_EVENTS.format(table=TABLE, ranges=covered), parameters)
+
+
+def seq_ranges(seqs: Iterable[int], most: int) -> list[tuple[int, int]]:
+    """At most ``most`` ranges covering ``seqs``, cut at the widest gaps between them."""
+    ordered = sorted(set(seqs))
+    if not ordered:
+        raise ValueError("no sequences to cover")
+    gaps = [ordered[i] - ordered[i - 1] for i in range(1, len(ordered))]
+    cuts = sorted(i + 1 for i in heapq.nlargest(most - 1, range(len(gaps)), key=gaps.__getitem__))
+    return [
+        (ordered[start], ordered[end - 1])
+        for start, end in zip([0, *cuts], [*cuts, len(ordered)], strict=True)
+    ]

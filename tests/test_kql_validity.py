@@ -107,7 +107,9 @@ def select_checkpoints_renderings() -> Iterator[Rendering]:
 
 
 def ingested_events_renderings() -> Iterator[Rendering]:
-    yield "ingested_events", ingested_events("0123456789abcdef0123", 1_700_000_000_000_000_000).text
+    for count in (1, 3, 50):
+        seqs = [1_700_000_000_000_000_000 + n * n for n in range(count)]
+        yield f"ingested_events({count} events)", ingested_events("0123456789abcdef0123", seqs).text
 
 
 def channel_history_renderings() -> Iterator[Rendering]:

@@ -3,14 +3,24 @@ narrow selection before it still returns every column of every selected row, onc
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from typing import Any
 
+from langgraph.checkpoint.base import empty_checkpoint
+from langgraph.checkpoint.kusto import KustoSaver
 from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor
 from langgraph.checkpoint.kusto.kusto import KustoQueries
-from langgraph.checkpoint.kusto.queries import Query, channel_history, select_checkpoints
+from langgraph.checkpoint.kusto.queries import (
+    Query,
+    channel_history,
+    ingested_events,
+    select_checkpoints,
+    seq_ranges,
+)
 from langgraph.checkpoint.kusto.shared.envelope import Blob, Event, EventKind, Write
+from langgraph.checkpoint.kusto.shared.ids import EVENT_ID_PREFIX_LENGTH
 from langgraph.checkpoint.kusto.shared.rows import (
     COLUMNS,
     ROW_CHUNK_BYTES,
@@ -121,3 +131,36 @@ def test_selected_rows_come_back_once_with_every_column(stack: Any) -> None:
     values = [row for row in history if row["RowKind"] != "checkpoint"]
     assert sorted(row["RowKind"] for row in values) == ["blob", "blob", "write"]
     assert all(row["Payload"] == expected[row["RowId"]]["Payload"] for row in values)
+
+
+def test_sequence_ranges_cut_at_the_widest_gaps() -> None:
+    recent = [1_000 + 10 * n for n in range(50)]
+    assert seq_ranges([*recent, 5], 2) == [(5, 5), (1_000, 1_490)]  # the straggler alone
+    assert seq_ranges([*recent, 5], 8)[0] == (5, 5)
+    spread = [n * n for n in range(100)]
+    ranges = seq_ranges(spread, 8)
+    assert len(ranges) == 8 and ranges[0][0] == 0 and ranges[-1][1] == 99 * 99
+    assert all(any(low <= n <= high for low, high in ranges) for n in spread)
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(ranges))
+    assert seq_ranges([7, 7], 8) == [(7, 7)]
+
+
+def test_confirming_an_old_straggler_does_not_list_everything_since(stack: Any) -> None:
+    """A saver asks Kusto which of its pending events it holds. One old event Kusto never
+    got (dead-lettered) used to make each answer list every event the saver wrote since."""
+    with KustoSaver.from_conn_string(stack.queue_url, stack.cluster, stack.database) as saver:
+        for _ in range(40):
+            thread = {"configurable": {"thread_id": f"straggler-{uuid.uuid4().hex[:8]}"}}
+            saver.put(
+                {**thread, "configurable": {**thread["configurable"], "checkpoint_ns": ""}},
+                empty_checkpoint(),
+                {},
+                {},
+            )
+        assert saver.cache is not None
+        published = sorted(saver.cache.pending_events().items(), key=lambda item: item[1])
+        saver.wait_for_ingestion()
+        asked = [published[0], *published[-3:]]
+        prefix = published[0][0][:EVENT_ID_PREFIX_LENGTH]
+        rows = saver.queries.run(ingested_events(prefix, [seq for _, seq in asked]))
+    assert sorted(str(row["EventId"]) for row in rows) == sorted(event_id for event_id, _ in asked)
