@@ -127,7 +127,9 @@ class KustoSaver(BaseKustoSaver):
         task_path: str = "",
     ) -> None:
         refuse_event_loop_thread()
-        self._publish(self._writes_event(config, writes, task_id, task_path))
+        event = self._writes_event(config, writes, task_id, task_path)
+        if event.writes:  # an event without rows would never be confirmed by Kusto
+            self._publish(event)
 
     def delete_thread(self, thread_id: str) -> None:
         refuse_event_loop_thread()
@@ -217,9 +219,14 @@ class KustoSaver(BaseKustoSaver):
         """Send the events' messages in one call; in ``strong`` mode wait for Kusto."""
         if not events:
             return
-        if self.cache is not None and not self.cache.room_for(len(events)):
-            self._wait_ingested(self.cache.pending_events(), room_for=len(events))
-        self.outbox.send([m for event in events for m in self._messages(event)])
+        reserved = self._make_room(len(events))
+        try:
+            self.outbox.send([m for event in events for m in self._messages(event)])
+        except BaseException:
+            if reserved:
+                assert self.cache is not None
+                self.cache.release(reserved)
+            raise
         if self.consistency is Consistency.STRONG:
             self._wait_ingested({event.event_id: event.seq for event in events})
         for event in events:
@@ -238,15 +245,32 @@ class KustoSaver(BaseKustoSaver):
             self.cache.confirm(ingested)
         return ingested
 
-    def _wait_ingested(
-        self, events: dict[str, int], timeout: float | None = None, *, room_for: int = 0
-    ) -> None:
-        """Poll Kusto until it holds ``events`` (event id -> seq), backing off.
+    def _make_room(self, events: int) -> int:
+        """Reserve the cache's room for remembering ``events`` until Kusto confirms them.
 
-        With ``room_for``, only until the cache has room for that many more unconfirmed
-        events: this process is so far ahead of the ingestor that remembering its
-        unconfirmed events fills the byte bound, and the write waiting for room is not sent.
-        """
+        When this process is so far ahead of the ingestor that its unconfirmed events fill
+        the byte bound, wait for Kusto to confirm some (backing off, at most
+        ``strong_timeout``); the write waiting for room is not sent before. Returns the
+        number of events reserved (none without a cache)."""
+        cache = self.cache
+        if cache is None:
+            return 0
+        if cache.reserve(events):
+            return events
+        deadline = time.monotonic() + self.strong_timeout
+        delay = POLL_START
+        while True:
+            if pending := cache.pending_events():
+                self._confirm(pending.values())
+            if cache.reserve(events):
+                return events
+            if time.monotonic() > deadline:
+                raise self._ingestion_timeout(cache.pending_count(), refused=True)
+            time.sleep(delay)
+            delay = min(delay * 2, POLL_MAX)
+
+    def _wait_ingested(self, events: dict[str, int], timeout: float | None = None) -> None:
+        """Poll Kusto until it holds ``events`` (event id -> seq), backing off."""
         remaining = dict(events)
         deadline = time.monotonic() + (self.strong_timeout if timeout is None else timeout)
         delay = POLL_START
@@ -255,10 +279,8 @@ class KustoSaver(BaseKustoSaver):
                 remaining.pop(event_id, None)
             if not remaining:
                 return
-            if room_for and self.cache is not None and self.cache.room_for(room_for):
-                return
             if time.monotonic() > deadline:
-                raise self._ingestion_timeout(len(remaining), refused=room_for > 0)
+                raise self._ingestion_timeout(len(remaining))
             time.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
 

@@ -10,7 +10,7 @@ cache remembers such keys as *awaited*: a read of them first waits until Kusto h
 ingested those events. Kusto confirms events in bulk (``confirm``). What the cache
 remembers of an unconfirmed event counts against the byte bound too: with the worker far
 behind or down, that bookkeeping alone can fill the bound, and the saver then waits for
-confirmations before it publishes more (``room_for``).
+confirmations before it publishes more (``reserve``).
 """
 
 from __future__ import annotations
@@ -116,6 +116,8 @@ class ReadCache:
         thread), with when they were made. Unlike a thread delete, they hide rows *between*
         visible ones, so Kusto's ``top`` must apply them: reads of their scope wait until
         Kusto holds them."""
+        self._reserved = 0
+        """Events a publisher has room for (``reserve``) but has not remembered yet."""
         self._bytes = 0
         self._uses = 0
         self._lock = threading.Lock()
@@ -378,10 +380,26 @@ class ReadCache:
     def over_bound(self) -> bool:
         return len(self._entries) > self.max_entries or self._bytes > self.max_bytes
 
-    def room_for(self, events: int) -> bool:
-        """Whether ``events`` more unconfirmed events fit the byte bound, entries evicted
-        as needed: what is remembered of unconfirmed events cannot be evicted."""
-        return (len(self._pending) + events) * PENDING_EVENT_BYTES <= self.max_bytes
+    def reserve(self, events: int) -> bool:
+        """Make room for ``events`` more unconfirmed events, before they are sent, if they
+        fit the byte bound with entries evicted (what is remembered of unconfirmed events
+        cannot be). A publish larger than the whole bound fits when nothing else is
+        unconfirmed. Each reserved event is then remembered, or ``release``d."""
+        with self._lock:
+            unconfirmed = len(self._pending) + self._reserved
+            if unconfirmed and (unconfirmed + events) * PENDING_EVENT_BYTES > self.max_bytes:
+                return False
+            self._reserved += events
+            self._bytes += events * PENDING_EVENT_BYTES
+            self._evict()
+            return True
+
+    def release(self, events: int) -> None:
+        """Give back room reserved for events that were not sent."""
+        with self._lock:
+            returned = min(events, self._reserved)  # the rest went to events remembered
+            self._reserved -= returned
+            self._bytes -= returned * PENDING_EVENT_BYTES
 
     # -- internals (lock held) --------------------------------------------------
 
@@ -440,7 +458,10 @@ class ReadCache:
 
     def _add_pending(self, event_id: str, seq: int) -> None:
         if event_id not in self._pending:
-            self._bytes += PENDING_EVENT_BYTES
+            if self._reserved > 0:
+                self._reserved -= 1  # its bytes were counted when its room was reserved
+            else:
+                self._bytes += PENDING_EVENT_BYTES
         self._pending[event_id] = seq
 
     def _record(self, records: OrderedDict[str, _R], key: str, record: _R) -> None:

@@ -41,7 +41,7 @@ let Heads = Live
 let Pruned = Heads
     | join kind=inner Prunes on ThreadId, CheckpointNs
     | where EventSeq < PruneSeq and not(set_has_element(Kept, CheckpointId))
-    | summarize by ThreadId, CheckpointNs, CheckpointId;
+    | summarize PrunedAt = min(PruneSeq) by ThreadId, CheckpointNs, CheckpointId;
 let Checkpoints = Heads
     | join kind=leftouter RunDeletes on RunId
     | where isnull(RunDeletedSeq) or EventSeq > RunDeletedSeq
@@ -80,14 +80,15 @@ let BlobRows = Live
 let Wanted = union TargetRows, BlobRows
     | project RowId;
 let PrunedParents = Pruned
-    | project ThreadId, CheckpointNs, ParentCheckpointId = CheckpointId, ParentPruned = true;
+    | project ThreadId, CheckpointNs, ParentCheckpointId = CheckpointId, ParentPrunedAt = PrunedAt;
 Scope
 | join kind=leftsemi Wanted on RowId
 | summarize arg_max(EventSeq, *) by RowId
 | join kind=leftouter PrunedParents on ThreadId, CheckpointNs, ParentCheckpointId
-| extend ParentCheckpointId = iff(isnull(ParentPruned), ParentCheckpointId, "")
-| project-away ThreadId1, CheckpointNs1, ParentCheckpointId1, ParentPruned"""
-"""A kept checkpoint whose parent a prune removed has no parent, as in PostgresSaver."""
+| extend ParentCheckpointId = iff(EventSeq < ParentPrunedAt, "", ParentCheckpointId)
+| project-away ThreadId1, CheckpointNs1, ParentCheckpointId1, ParentPrunedAt"""
+"""A checkpoint the prune that removed its parent kept has no parent, as in PostgresSaver;
+one written later from the pruned parent (a fork) keeps the id, as PostgresSaver stores it."""
 
 CHANNEL_HISTORY = """\
 {visible}

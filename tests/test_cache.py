@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -270,6 +271,65 @@ async def test_async_writes_wait_for_room_and_are_refused_unsent(
             assert queue.depth() == sent
         finally:
             queue.close()
+
+
+async def test_concurrent_writes_share_the_room_and_the_rest_are_refused_unsent(
+    stack: Any, private_queue: str
+) -> None:
+    """LangGraph runs a step's put_writes concurrently: each must reserve its room before
+    sending, or all of them pass the check and overshoot the bound together."""
+    async with AsyncKustoSaver.from_conn_string(
+        private_queue,
+        stack.cluster,
+        stack.database,
+        cache_max_bytes=5 * PENDING_EVENT_BYTES,
+        strong_timeout=0.3,
+    ) as saver:
+
+        async def put(n: int) -> None:
+            config = {"configurable": {"thread_id": f"concurrent-{n}", "checkpoint_ns": ""}}
+            await saver.aput(config, empty_checkpoint(), {}, {})
+
+        outcomes = await asyncio.gather(*(put(n) for n in range(20)), return_exceptions=True)
+        refused = [o for o in outcomes if isinstance(o, IngestionTimeoutError)]
+        assert len(refused) == 15 and outcomes.count(None) == 5
+        assert saver.cache is not None and saver.cache.size_bytes <= 5 * PENDING_EVENT_BYTES
+        queue = open_queue(private_queue)
+        try:
+            assert queue.depth() == 5
+        finally:
+            queue.close()
+
+
+def test_reserved_room_is_counted_once_and_given_back_when_not_sent() -> None:
+    cache = ReadCache(max_bytes=3 * PENDING_EVENT_BYTES)
+    assert cache.reserve(2) and cache.size_bytes == 2 * PENDING_EVENT_BYTES
+    assert not cache.reserve(2)  # 4 would not fit
+    cache.delete_thread("t", "e1", 1)  # one reserved event remembered: counted already
+    assert cache.size_bytes == 2 * PENDING_EVENT_BYTES
+    cache.release(1)  # the other was not sent
+    assert cache.size_bytes == PENDING_EVENT_BYTES
+    assert cache.reserve(2) and not cache.reserve(1)
+    cache.release(2)
+    cache.confirm(["e1"])
+    assert cache.size_bytes == 0
+    assert cache.reserve(10)  # larger than the bound: goes alone, nothing else unconfirmed
+    assert not cache.reserve(1)
+
+
+def test_put_writes_without_writes_publishes_nothing(stack: Any, private_queue: str) -> None:
+    """An event without rows would never be confirmed by Kusto: it would hold its room
+    in the cache for good, and reads of its checkpoint would wait for it."""
+    with KustoSaver.from_conn_string(private_queue, stack.cluster, stack.database) as saver:
+        config = {"configurable": {"thread_id": "no-writes", "checkpoint_ns": ""}}
+        config = saver.put(config, empty_checkpoint(), {}, {})
+        saver.put_writes(config, [], "task")
+        assert saver.cache is not None and saver.cache.pending_count() == 1  # the put only
+    queue = open_queue(private_queue)
+    try:
+        assert queue.depth() == 1
+    finally:
+        queue.close()
 
 
 def test_snapshot_is_made_once_counted_and_remade_after_new_writes() -> None:

@@ -257,3 +257,23 @@ async def test_checkpoints_written_after_a_prune_of_a_clock_ahead_writer_stay(
     async with await _reader(stack) as reader:
         found = await reader.aget_tuple(config)
         assert found is not None and found.checkpoint["id"] == after["id"]
+
+
+async def test_a_fork_written_after_the_prune_keeps_its_pruned_parent_id(stack: Any) -> None:
+    """Only checkpoints the prune kept lose a parent it removed. One written later from a
+    pruned checkpoint (update_state from an old id) keeps the id, as PostgresSaver stores
+    it, read from the cache and from Kusto alike."""
+    thread = f"prune-fork-{uuid.uuid4().hex[:8]}"
+    root = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+    async with AsyncKustoSaver.from_conn_string(
+        stack.queue_url, stack.cluster, stack.database
+    ) as saver:
+        first = await saver.aput(root, empty_checkpoint(), {"step": 0}, {})
+        await saver.aput(first, empty_checkpoint(), {"step": 1}, {})
+        await saver.aprune([thread])
+        await saver.aput(first, empty_checkpoint(), {"step": 2}, {})  # a fork from step 0
+        expected = [first["configurable"]["checkpoint_id"], None]  # step 2, then step 1
+        assert await _parents(saver, root) == expected
+        await saver.wait_for_ingestion()
+    async with await _reader(stack) as reader:
+        assert await _parents(reader, root) == expected
