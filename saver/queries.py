@@ -41,7 +41,7 @@ let Heads = Live
 let Pruned = Heads
     | join kind=inner Prunes on ThreadId, CheckpointNs
     | where EventSeq < PruneSeq and not(set_has_element(Kept, CheckpointId))
-    | summarize PrunedAt = min(PruneSeq) by ThreadId, CheckpointNs, CheckpointId;
+    | summarize PrunedAt = max(PruneSeq) by ThreadId, CheckpointNs, CheckpointId;
 let Checkpoints = Heads
     | join kind=leftouter RunDeletes on RunId
     | where isnull(RunDeletedSeq) or EventSeq > RunDeletedSeq
@@ -87,8 +87,9 @@ Scope
 | join kind=leftouter PrunedParents on ThreadId, CheckpointNs, ParentCheckpointId
 | extend ParentCheckpointId = iff(EventSeq < ParentPrunedAt, "", ParentCheckpointId)
 | project-away ThreadId1, CheckpointNs1, ParentCheckpointId1, ParentPrunedAt"""
-"""A checkpoint the prune that removed its parent kept has no parent, as in PostgresSaver;
-one written later from the pruned parent (a fork) keeps the id, as PostgresSaver stores it."""
+"""A checkpoint a prune kept while removing its parent has no parent, as in PostgresSaver;
+one written from the pruned parent after every such prune (a fork) keeps the id, as
+PostgresSaver stores it."""
 
 CHANNEL_HISTORY = """\
 {visible}

@@ -275,5 +275,10 @@ async def test_a_fork_written_after_the_prune_keeps_its_pruned_parent_id(stack: 
         expected = [first["configurable"]["checkpoint_id"], None]  # step 2, then step 1
         assert await _parents(saver, root) == expected
         await saver.wait_for_ingestion()
+        async with await _reader(stack) as reader:
+            assert await _parents(reader, root) == expected
+        await saver.aprune([thread])  # keeps the fork, whose parent is gone: now it has none
+        assert await _parents(saver, root) == [None]
+        await saver.wait_for_ingestion()
     async with await _reader(stack) as reader:
-        assert await _parents(reader, root) == expected
+        assert await _parents(reader, root) == [None]
