@@ -315,7 +315,7 @@ class AsyncKustoSaver(BaseKustoSaver):
         deadline = time.monotonic() + self.strong_timeout
         delay = POLL_START
         while True:
-            if pending := cache.pending_events():
+            if self._room_poll_due() and (pending := cache.pending_events()):
                 await self._confirm(pending.values())
             if cache.reserve(events):
                 return events

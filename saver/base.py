@@ -114,6 +114,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         self._clock = SequenceClock()
         self._event_ids = EventIds()
         self._last_confirm = 0.0
+        self._last_room_poll = 0.0
 
     # -- versions ---------------------------------------------------------
 
@@ -341,6 +342,16 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         if now - self._last_confirm < CONFIRM_INTERVAL:
             return False
         self._last_confirm = now
+        return True
+
+    def _room_poll_due(self) -> bool:
+        """Writes waiting for room share one confirmation round per ``POLL_MAX``: a round
+        costs O(pending events) on the caller's thread (84 ms at 244k), and many waiting
+        coroutines polling each on their own would starve the event loop."""
+        now = time.monotonic()
+        if now - self._last_room_poll < POLL_MAX:
+            return False
+        self._last_room_poll = now
         return True
 
     def _ingested_query(self, seqs: Iterable[int]) -> Query:

@@ -283,16 +283,27 @@ async def test_concurrent_writes_share_the_room_and_the_rest_are_refused_unsent(
         stack.cluster,
         stack.database,
         cache_max_bytes=5 * PENDING_EVENT_BYTES,
-        strong_timeout=0.3,
+        strong_timeout=1.0,
     ) as saver:
 
         async def put(n: int) -> None:
             config = {"configurable": {"thread_id": f"concurrent-{n}", "checkpoint_ns": ""}}
             await saver.aput(config, empty_checkpoint(), {}, {})
 
+        rounds = 0
+        confirm = saver._confirm
+
+        async def counted(seqs: Any) -> Any:
+            nonlocal rounds
+            rounds += 1
+            return await confirm(seqs)
+
+        saver._confirm = counted  # type: ignore[method-assign]
         outcomes = await asyncio.gather(*(put(n) for n in range(20)), return_exceptions=True)
         refused = [o for o in outcomes if isinstance(o, IngestionTimeoutError)]
         assert len(refused) == 15 and outcomes.count(None) == 5
+        # The 15 waiters share one confirmation round per 0.5 s (each on its own: ~100).
+        assert rounds <= 6
         assert saver.cache is not None and saver.cache.size_bytes <= 5 * PENDING_EVENT_BYTES
         queue = open_queue(private_queue)
         try:
