@@ -43,8 +43,13 @@ from langgraph.checkpoint.kusto.shared.errors import (
     EnvelopeError,
     IncompleteEventError,
 )
-from langgraph.checkpoint.kusto.shared.framing import Frame, decode_frame, join_frames
-from langgraph.checkpoint.kusto.shared.rows import event_rows
+from langgraph.checkpoint.kusto.shared.framing import (
+    Frame,
+    decode_frame,
+    event_id_of,
+    join_frames,
+)
+from langgraph.checkpoint.kusto.shared.rows import dead_letter_row, event_rows
 
 from .ingest import encode_rows
 from .metrics import WorkerMetrics
@@ -523,7 +528,9 @@ class Worker:
                         f"event {pending.event_id}: {parts} of {pending.frames[0].count} parts "
                         f"arrived within {self.chunk_group_timeout:g}s"
                     )
-                    self._dead_letter(pending.messages, error.reason, str(error), result)
+                    self._dead_letter(
+                        pending.messages, error.reason, str(error), result, pending.event_id
+                    )
                     continue
                 blocked_sessions.add(session)
                 continue
@@ -537,7 +544,7 @@ class Worker:
         try:
             event = decode_event(join_frames(pending.frames))
         except EnvelopeError as exc:
-            self._dead_letter(pending.messages, exc.reason, str(exc), result)
+            self._dead_letter(pending.messages, exc.reason, str(exc), result, pending.event_id)
             return False
         try:
             pending.rows = event_rows(event)
@@ -548,7 +555,7 @@ class Worker:
             pending.size = len(pending.encoded) + 1
         except (TypeError, ValueError, OverflowError, OSError) as exc:
             error = EnvelopeError(f"the event's rows cannot be built: {type(exc).__name__}: {exc}")
-            self._dead_letter(pending.messages, error.reason, str(error), result)
+            self._dead_letter(pending.messages, error.reason, str(error), result, pending.event_id)
             return False
         pending.published_at = event.published_at
         return True
@@ -690,7 +697,7 @@ class Worker:
             f"{failure.detail or 'no detail given'}. The other events of its batch were "
             f"ingested. {_HINT_BY_CAUSE.get(failure.cause, _HINT_BY_CAUSE[Cause.REJECTED])}"
         )
-        self._dead_letter(pending.messages, reason, description, result)
+        self._dead_letter(pending.messages, reason, description, result, pending.event_id)
         pending.settled = True
 
     def _dead_letter(
@@ -699,6 +706,7 @@ class Worker:
         reason: str,
         description: str,
         result: CycleResult,
+        event_id: str | None = None,
     ) -> None:
         """Dead-letter one event's messages (or one undecodable message)."""
         self._renewer.untrack(messages)
@@ -716,6 +724,26 @@ class Worker:
                 "message_id": messages[0].message_id,
             },
         )
+        self._note_dead_letter(messages[0], reason, event_id or event_id_of(messages[0].message_id))
+
+    def _note_dead_letter(
+        self, message: ReceivedMessage, reason: str, event_id: str | None
+    ) -> None:
+        """Tell Kusto, so the saver that published the event stops waiting for it and says
+        why. One attempt: the dead letter itself is what keeps the event; without the
+        note, that saver's reads wait their ``strong_timeout`` as before."""
+        if event_id is None:
+            return
+        row = dead_letter_row(event_id, message.session_id, reason)
+        try:
+            run_with_timeout(
+                lambda: self.ingestor.ingest([row]), self.retry.attempt_timeout, self._deadline
+            )
+        except Exception as exc:
+            logger.warning(
+                "dead-letter note not ingested",
+                extra={"message_id": message.message_id, "error": type(exc).__name__},
+            )
 
     def _abandon(self, events: list[_PendingEvent], cause: str, result: CycleResult) -> None:
         messages = [m for pending in events for m in pending.messages]

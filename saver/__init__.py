@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,6 +32,7 @@ from .base import (
     POLL_START,
     BaseKustoSaver,
     Consistency,
+    EventDeadLetteredError,
     IngestionTimeoutError,
     namespace_of,
     one_namespace,
@@ -47,6 +48,7 @@ from .settings import resolve
 __all__ = [
     "AsyncKustoSaver",
     "Consistency",
+    "EventDeadLetteredError",
     "IngestionTimeoutError",
     "KustoSaver",
 ]
@@ -234,16 +236,12 @@ class KustoSaver(BaseKustoSaver):
         if self._confirmation_due():
             assert self.cache is not None
             if pending := self.cache.pending_events():
-                self._confirm(pending.values())
+                self._confirm(pending)
 
-    def _confirm(self, seqs: Iterable[int]) -> set[str]:
-        """Which of this saver's events of these sequences Kusto holds; the cache lets go
-        of them."""
-        rows = self.queries.run(self._ingested_query(seqs))
-        ingested = {str(row["EventId"]) for row in rows}
-        if self.cache is not None:
-            self.cache.confirm(ingested)
-        return ingested
+    def _confirm(self, events: Mapping[str, int]) -> tuple[set[str], dict[str, str]]:
+        """Which of ``events`` (id -> seq) Kusto holds, and which of this saver's events
+        the ingestor dead-lettered (id -> reason)."""
+        return self._settle(self.queries.run(self._ingested_query(events)))
 
     def _make_room(self, events: int) -> int:
         """Reserve the cache's room for remembering ``events`` until Kusto confirms them.
@@ -261,7 +259,7 @@ class KustoSaver(BaseKustoSaver):
         delay = POLL_START
         while True:
             if self._room_poll_due() and (pending := cache.pending_events()):
-                self._confirm(pending.values())
+                self._confirm(pending)
             if cache.reserve(events):
                 return events
             if time.monotonic() > deadline:
@@ -275,10 +273,13 @@ class KustoSaver(BaseKustoSaver):
         deadline = time.monotonic() + (self.strong_timeout if timeout is None else timeout)
         delay = POLL_START
         while remaining:
-            for event_id in self._confirm(remaining.values()):
+            ingested, dead = self._confirm(remaining)
+            for event_id in ingested:
                 remaining.pop(event_id, None)
             if not remaining:
                 return
+            if lost := {e: reason for e, reason in dead.items() if e in remaining}:
+                raise self._dead_lettered(lost)
             if time.monotonic() > deadline:
                 raise self._ingestion_timeout(len(remaining))
             time.sleep(delay)

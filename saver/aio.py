@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -289,16 +289,12 @@ class AsyncKustoSaver(BaseKustoSaver):
         if self._confirmation_due():
             assert self.cache is not None
             if pending := self.cache.pending_events():
-                await self._confirm(pending.values())
+                await self._confirm(pending)
 
-    async def _confirm(self, seqs: Iterable[int]) -> set[str]:
-        """Which of this saver's events of these sequences Kusto holds; the cache lets go
-        of them."""
-        rows = await self.queries.run(self._ingested_query(seqs))
-        ingested = {str(row["EventId"]) for row in rows}
-        if self.cache is not None:
-            self.cache.confirm(ingested)
-        return ingested
+    async def _confirm(self, events: Mapping[str, int]) -> tuple[set[str], dict[str, str]]:
+        """Which of ``events`` (id -> seq) Kusto holds, and which of this saver's events
+        the ingestor dead-lettered (id -> reason)."""
+        return self._settle(await self.queries.run(self._ingested_query(events)))
 
     async def _make_room(self, events: int) -> int:
         """Reserve the cache's room for remembering ``events`` until Kusto confirms them.
@@ -316,7 +312,7 @@ class AsyncKustoSaver(BaseKustoSaver):
         delay = POLL_START
         while True:
             if self._room_poll_due() and (pending := cache.pending_events()):
-                await self._confirm(pending.values())
+                await self._confirm(pending)
             if cache.reserve(events):
                 return events
             if time.monotonic() > deadline:
@@ -330,10 +326,13 @@ class AsyncKustoSaver(BaseKustoSaver):
         deadline = time.monotonic() + (self.strong_timeout if timeout is None else timeout)
         delay = POLL_START
         while remaining:
-            for event_id in await self._confirm(remaining.values()):
+            ingested, dead = await self._confirm(remaining)
+            for event_id in ingested:
                 remaining.pop(event_id, None)
             if not remaining:
                 return
+            if lost := {e: reason for e, reason in dead.items() if e in remaining}:
+                raise self._dead_lettered(lost)
             if time.monotonic() > deadline:
                 raise self._ingestion_timeout(len(remaining))
             await asyncio.sleep(delay)

@@ -75,6 +75,17 @@ class IngestionTimeoutError(TimeoutError):
     message says whether the write was sent."""
 
 
+class EventDeadLetteredError(IngestionTimeoutError):
+    """The ingestor dead-lettered events this process published, so what they wrote is not
+    in Kusto until an operator replays them (``langgraph-kusto dlq``). Raised at once, not
+    after ``strong_timeout``, by a read or wait that needs them; ``reasons`` maps each
+    event id to the dead-letter reason."""
+
+    def __init__(self, message: str, reasons: Mapping[str, str]) -> None:
+        super().__init__(message)
+        self.reasons = dict(reasons)
+
+
 class BaseKustoSaver(BaseCheckpointSaver[str]):
     """Event building, read assembly and the read cache; no I/O."""
 
@@ -354,8 +365,39 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         self._last_room_poll = now
         return True
 
-    def _ingested_query(self, seqs: Iterable[int]) -> Query:
+    def _ingested_query(self, events: Mapping[str, int]) -> Query:
+        """Which of ``events`` (id -> seq) Kusto holds, and every dead-letter note of this
+        saver's events: those already known dead-lettered are found by their notes."""
+        known = self.cache.dead_lettered() if self.cache is not None else frozenset()
+        seqs = [seq for event_id, seq in events.items() if event_id not in known]
         return ingested_events(self._event_ids.prefix, seqs)
+
+    def _settle(self, rows: Iterable[Mapping[str, Any]]) -> tuple[set[str], dict[str, str]]:
+        """The answer to ``_ingested_query``: (events Kusto holds, dead-lettered event id ->
+        reason); the cache lets go of the former and notes the latter."""
+        ingested: set[str] = set()
+        dead: dict[str, str] = {}
+        for row in rows:
+            reason = str(row["DeadLetterReason"] or "")
+            if reason:
+                dead[str(row["EventId"])] = reason
+            else:
+                ingested.add(str(row["EventId"]))
+        for event_id in ingested:
+            dead.pop(event_id, None)  # replayed since
+        if self.cache is not None:
+            self.cache.confirm(ingested)
+            self.cache.dead_letter(dead)
+        return ingested, dead
+
+    def _dead_lettered(self, reasons: Mapping[str, str]) -> EventDeadLetteredError:
+        return EventDeadLetteredError(
+            f"{len(reasons)} events this process published were dead-lettered by the "
+            f"ingestor ({', '.join(sorted(set(reasons.values())))}): what they wrote is not "
+            "in Kusto until they are replayed (`langgraph-kusto dlq list`, then `dlq "
+            "replay` once the cause is fixed).",
+            reasons,
+        )
 
     def _awaited(self, config: RunnableConfig | None, *, single: bool) -> dict[str, int]:
         """Events to wait for before Kusto's answer about ``config`` can be trusted."""

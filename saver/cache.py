@@ -19,7 +19,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
@@ -116,6 +116,9 @@ class ReadCache:
         thread), with when they were made. Unlike a thread delete, they hide rows *between*
         visible ones, so Kusto's ``top`` must apply them: reads of their scope wait until
         Kusto holds them."""
+        self._dead_lettered: dict[str, str] = {}
+        """Unconfirmed events the ingestor dead-lettered: event id -> reason. They stay
+        pending (reads of what they wrote cannot be answered) until replayed."""
         self._reserved = 0
         """Events a publisher has room for (``reserve``) but has not remembered yet."""
         self._bytes = 0
@@ -363,6 +366,7 @@ class ReadCache:
                 if pending.pop(event_id, None) is None:
                     continue
                 self._bytes -= PENDING_EVENT_BYTES
+                self._dead_lettered.pop(event_id, None)
                 self._hiding.pop(event_id, None)
                 for key in self._waiting_on.pop(event_id, ()):
                     by_checkpoint = self._awaited.get(key[0], {})
@@ -376,6 +380,19 @@ class ReadCache:
                     held = self._orphan_writes.get(key)
                     if held is not None and not held.event_ids & pending.keys():
                         self._drop_orphans(key)
+
+    def dead_letter(self, reasons: Mapping[str, str]) -> None:
+        """Note which unconfirmed events the ingestor dead-lettered (event id -> reason)."""
+        with self._lock:
+            self._dead_lettered.update(
+                (event_id, reason)
+                for event_id, reason in reasons.items()
+                if event_id in self._pending
+            )
+
+    def dead_lettered(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._dead_lettered)
 
     def over_bound(self) -> bool:
         return len(self._entries) > self.max_entries or self._bytes > self.max_bytes

@@ -8,7 +8,7 @@ trip. Redelivered copies are dropped by ``RowId``.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,29 +204,46 @@ def _filter_pairs(metadata_filter: Mapping[str, Any]) -> list[str]:
 
 
 INGESTED_EVENTS = """\
-{table}
-| where EventId startswith publisher and ({ranges})
-| summarize by EventId"""
+let Mine = {table}
+    | where EventId startswith publisher;
+let DeadLetters = Mine
+    | where RowKind == "dead_letter"
+    | project EventId, DeadLetterReason = tostring(Metadata.reason);
+union
+    (Mine
+    | where RowKind != "dead_letter" and ({ranges})
+    | summarize by EventId
+    | extend DeadLetterReason = ""),
+    (Mine
+    | where RowKind != "dead_letter"
+    | join kind=leftsemi DeadLetters on EventId
+    | summarize by EventId
+    | extend DeadLetterReason = ""),
+    DeadLetters"""
 
 MAX_SEQ_RANGES = 8
 
 
-def ingested_events(publisher: str, seqs: Iterable[int]) -> Query:
-    """Which of one publisher's (saver instance's) events, of these sequences, Kusto holds.
+def ingested_events(publisher: str, seqs: Collection[int]) -> Query:
+    """Which of one publisher's (saver instance's) events Kusto holds, and which the
+    ingestor dead-lettered: one row per event held (``DeadLetterReason`` empty), for the
+    sequences asked and for every dead-lettered event (replayed since, or not), plus one
+    row per dead-letter note (its reason).
 
     The sequences are covered by at most ``MAX_SEQ_RANGES`` ranges, cut at the widest gaps:
-    with one range from the oldest, an event Kusto never got (dead-lettered) made every
-    later answer list all the publisher had written since.
+    with one range from the oldest, an event Kusto never got made every later answer list
+    all the publisher had written since. The dead-lettered ones are found by their notes,
+    so a caller leaves their sequences out.
     """
-    ranges = seq_ranges(seqs, MAX_SEQ_RANGES)
     parameters: dict[str, Any] = {"publisher": publisher}
+    ranges = seq_ranges(seqs, MAX_SEQ_RANGES) if seqs else []
     for i, (low, high) in enumerate(ranges):
         parameters[f"low{i}"], parameters[f"high{i}"] = low, high
     covered = " or ".join(f"EventSeq between (low{i} .. high{i})" for i in range(len(ranges)))
-    return _declared(INGESTED_EVENTS.format(table=TABLE, ranges=covered), parameters)
+    return _declared(INGESTED_EVENTS.format(table=TABLE, ranges=covered or "false"), parameters)
 
 
-def seq_ranges(seqs: Iterable[int], most: int) -> list[tuple[int, int]]:
+def seq_ranges(seqs: Collection[int], most: int) -> list[tuple[int, int]]:
     """At most ``most`` ranges covering ``seqs``, cut at the widest gaps between them."""
     ordered = sorted(set(seqs))
     if not ordered:

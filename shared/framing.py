@@ -39,6 +39,13 @@ def message_id(event_id: str, index: int) -> str:
     return f"{event_id}.{index}"
 
 
+def event_id_of(message_id: str) -> str | None:
+    """The event a message id names, also a replayed copy's (``<message id>/replay-<n>``);
+    ``None`` for an id this framing did not make."""
+    event_id, dot, index = message_id.split("/", 1)[0].rpartition(".")
+    return event_id if event_id and dot and index.isdigit() else None
+
+
 def split_frames(event_id: str, envelope: bytes, max_message_bytes: int) -> list[Frame]:
     """Cut ``envelope`` into frames whose encoded size stays within ``max_message_bytes``."""
     room = max_message_bytes - FRAME_OVERHEAD_BYTES - len(event_id.encode())

@@ -60,6 +60,8 @@ class RowKind:
     DELETE_THREAD = "delete_thread"
     DELETE_RUN = "delete_run"
     PRUNE = "prune"
+    DEAD_LETTER = "dead_letter"
+    """Not part of any event: the ingestor's note that it dead-lettered one."""
 
 
 def blob_key(channel: str, version: str) -> str:
@@ -193,3 +195,19 @@ def reassemble(rows: Iterable[Mapping[str, Any]]) -> StoredValue | None:
         return None
     data = b"".join(base64.b64decode(chunks[i]["Payload"]) for i in range(len(chunks)))
     return StoredValue(str(first["EventId"]), int(first["EventSeq"]), str(first["ValueType"]), data)
+
+
+def dead_letter_row(event_id: str, thread_id: str, reason: str) -> dict[str, Any]:
+    """The ingestor's note that it dead-lettered ``event_id``, so that the saver waiting
+    for that event stops waiting and says why. The event may not decode: its sequence is
+    unknown (0), and the publisher finds the note by event id. A replay adds the event's
+    own rows later; the note stays, and readers then see the event as ingested."""
+    return {
+        "RowId": f"{event_id}/{RowKind.DEAD_LETTER}",
+        "EventId": event_id,
+        "EventSeq": 0,
+        "PublishedAt": datetime.now(UTC).isoformat(),
+        "RowKind": RowKind.DEAD_LETTER,
+        "ThreadId": thread_id,
+        "Metadata": {"reason": reason},
+    }

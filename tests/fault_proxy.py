@@ -327,15 +327,21 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
 COUNT_ROWS_BY_EVENT = """\
 declare query_parameters(prefix:string);
 CheckpointEvents
-| where ThreadId startswith prefix
+| where ThreadId startswith prefix and RowKind != "dead_letter"
 | summarize Rows = count() by EventId"""
 
 COUNT_EVENTS = """\
 declare query_parameters(prefix:string);
 CheckpointEvents
-| where ThreadId startswith prefix
+| where ThreadId startswith prefix and RowKind != "dead_letter"
 | distinct EventId
 | count"""
+
+DEAD_LETTER_NOTES = """\
+declare query_parameters(prefix:string);
+CheckpointEvents
+| where ThreadId startswith prefix and RowKind == "dead_letter"
+| project EventId, Reason = tostring(Metadata.reason)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,12 +411,26 @@ def send_all(queue_url: str, messages: Sequence[OutboxMessage], group: int = 100
 
 
 def rows_by_event(cluster: str, database: str, prefix: str) -> dict[str, int]:
-    """Stored rows per event id for threads starting with ``prefix`` (copies included)."""
+    """Stored rows per event id for threads starting with ``prefix`` (copies included;
+    the worker's dead-letter notes are not the events' rows)."""
     queries = KustoQueries(cluster, database)
     try:
         return {
             str(row["EventId"]): int(row["Rows"])
             for row in queries.run(Query(COUNT_ROWS_BY_EVENT, {"prefix": prefix}))
+        }
+    finally:
+        queries.close()
+
+
+def dead_letter_notes(cluster: str, database: str, prefix: str) -> dict[str, str]:
+    """The worker's dead-letter notes for threads starting with ``prefix``: event id ->
+    reason."""
+    queries = KustoQueries(cluster, database)
+    try:
+        return {
+            str(row["EventId"]): str(row["Reason"])
+            for row in queries.run(Query(DEAD_LETTER_NOTES, {"prefix": prefix}))
         }
     finally:
         queries.close()

@@ -23,6 +23,7 @@ from langgraph.checkpoint.kusto.shared.errors import (
 from langgraph.checkpoint.kusto.shared.framing import (
     decode_frame,
     encode_frame,
+    event_id_of,
     join_frames,
     split_frames,
 )
@@ -150,3 +151,11 @@ def test_writes_keep_first_regular_and_last_special() -> None:
     [stored] = assemble(rows)
     by_idx = {w.idx: w.value.data for w in stored.writes}
     assert by_idx == {0: b"first", -1: b"second"}
+
+
+def test_a_message_id_names_its_event_also_in_a_replayed_copy() -> None:
+    (frame,) = split_frames("ab12", b"envelope", 1024)
+    assert event_id_of(frame.message_id) == "ab12"
+    assert event_id_of(f"{frame.message_id}/replay-7") == "ab12"
+    for foreign in ("no-index", "ab12.x", ".0", "sha256:" + "0" * 64):
+        assert event_id_of(foreign) is None

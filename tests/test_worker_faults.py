@@ -27,6 +27,7 @@ from fault_proxy import (
     Published,
     assert_readable_exactly_once,
     build_checkpoints,
+    dead_letter_notes,
     rows_by_event,
     send_all,
     wait_until,
@@ -339,6 +340,9 @@ def test_an_event_over_the_streaming_limit_is_dead_lettered_and_its_batch_ingest
     assert {d.reason for d in dead} == {"EventTooLarge"}
     assert "HTTP 413 BadRequest_StreamingIngestionRequestTooLarge" in dead[0].description
     assert set(rows_by_event(kusto_server.url, "langgraph", prefix)) == small.event_ids
+    # The note that tells the saver which published it to stop waiting, and why.
+    notes = dead_letter_notes(kusto_server.url, "langgraph", prefix)
+    assert notes == dict.fromkeys(huge.event_ids, "EventTooLarge")
     queue.close()
 
 

@@ -1,0 +1,133 @@
+"""A write the ingestor dead-letters: the worker notes it in Kusto, and the saver that
+published it stops waiting for it at once and says why; after a replay it reads again."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+from langgraph.checkpoint.base import empty_checkpoint
+from langgraph.checkpoint.kusto import AsyncKustoSaver, EventDeadLetteredError, KustoSaver
+from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor
+from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
+from langgraph.checkpoint.kusto.outbox import open_queue
+from langgraph.checkpoint.kusto.shared.framing import event_id_of
+from langgraph.checkpoint.kusto.shared.rows import dead_letter_row
+
+WAIT = 60.0
+"""Long enough that a saver that waits instead of noticing the note fails the test by the
+error it raises (a plain IngestionTimeoutError), not by hanging for minutes."""
+
+
+def _put(saver: KustoSaver, thread: str, size: int = 10) -> str:
+    checkpoint = empty_checkpoint()
+    checkpoint["channel_values"] = {"v": "x" * size}
+    checkpoint["channel_versions"] = {"v": "1"}
+    config = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+    return saver.put(config, checkpoint, {}, {"v": "1"})["configurable"]["checkpoint_id"]
+
+
+def _run_worker(queue_url: str, cluster: str, database: str, **options: Any) -> Any:
+    queue = open_queue(queue_url)
+    ingestor = KustoIngestor(cluster, database)
+    stop = threading.Event()
+    runner = threading.Thread(
+        target=Worker(queue, ingestor, max_wait=0.05, **options).run, args=(stop,), daemon=True
+    )
+    runner.start()
+
+    def stop_worker() -> None:
+        stop.set()
+        runner.join(timeout=10)
+        ingestor.close()
+        queue.close()
+
+    return stop_worker
+
+
+def test_a_dead_lettered_write_fails_reads_that_need_it_at_once_with_the_reason(
+    stack: Any, private_queue: str
+) -> None:
+    thread = f"dead-{uuid.uuid4().hex[:8]}"
+    with KustoSaver.from_conn_string(
+        private_queue, stack.cluster, stack.database, max_message_bytes=2048, strong_timeout=WAIT
+    ) as saver:
+        _put(saver, thread, size=20_000)  # several messages
+        queue = open_queue(private_queue)
+        try:  # one part goes missing: the worker cannot rebuild the event
+            lost = queue.receive(1, 1.0)
+            queue.complete(lost)
+        finally:
+            queue.close()
+        event_id = event_id_of(lost[0].message_id)
+        stop_worker = _run_worker(
+            private_queue, stack.cluster, stack.database, chunk_group_timeout=0.2
+        )
+        try:
+            with pytest.raises(EventDeadLetteredError, match="IncompleteChunkGroup") as raised:
+                saver.wait_for_ingestion()
+        finally:
+            stop_worker()
+    assert raised.value.reasons == {event_id: "IncompleteChunkGroup"}
+
+
+def test_a_replayed_dead_letter_is_read_again(stack: Any, private_queue: str) -> None:
+    """The note stays in Kusto; once the event's own rows arrive (the replay), the saver
+    counts it as ingested."""
+    thread = f"replayed-{uuid.uuid4().hex[:8]}"
+    with KustoSaver.from_conn_string(
+        private_queue, stack.cluster, stack.database, strong_timeout=WAIT
+    ) as saver:
+        checkpoint_id = _put(saver, thread)
+        assert saver.cache is not None
+        (event_id,) = saver.cache.pending_events()
+        ingestor = KustoIngestor(stack.cluster, stack.database)
+        try:
+            ingestor.ingest([dead_letter_row(event_id, thread, "EventTooLarge")])
+        finally:
+            ingestor.close()
+        with pytest.raises(EventDeadLetteredError, match="EventTooLarge"):
+            saver.wait_for_ingestion()
+
+        stop_worker = _run_worker(private_queue, stack.cluster, stack.database)
+        try:  # until the replayed rows are in, the note still stands
+            deadline = time.monotonic() + WAIT
+            while True:
+                try:
+                    saver.wait_for_ingestion()
+                    break
+                except EventDeadLetteredError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+        finally:
+            stop_worker()
+        assert saver.cache.pending_count() == 0 and saver.cache.dead_lettered() == {}
+    with KustoSaver.from_conn_string(
+        stack.queue_url, stack.cluster, stack.database, consistency="eventual"
+    ) as reader:
+        found = reader.get_tuple({"configurable": {"thread_id": thread}})
+        assert found is not None and found.checkpoint["id"] == checkpoint_id
+
+
+async def test_the_async_saver_stops_waiting_for_a_dead_lettered_write(
+    stack: Any, private_queue: str
+) -> None:
+    thread = f"dead-async-{uuid.uuid4().hex[:8]}"
+    async with AsyncKustoSaver.from_conn_string(
+        private_queue, stack.cluster, stack.database, strong_timeout=WAIT
+    ) as saver:
+        config = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+        await saver.aput(config, empty_checkpoint(), {}, {})
+        assert saver.cache is not None
+        (event_id,) = saver.cache.pending_events()
+        ingestor = KustoIngestor(stack.cluster, stack.database)
+        try:
+            ingestor.ingest([dead_letter_row(event_id, thread, "BadEnvelope")])
+        finally:
+            ingestor.close()
+        with pytest.raises(EventDeadLetteredError) as raised:
+            await saver.wait_for_ingestion()
+    assert raised.value.reasons == {event_id: "BadEnvelope"}
