@@ -357,7 +357,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
 
     def _room_poll_due(self) -> bool:
         """Writes waiting for room share one confirmation round per ``POLL_MAX``: a round
-        costs O(pending events) on the caller's thread (84 ms at 244k), and many waiting
+        costs O(pending events) on the caller's thread (~45 ms at 244k), and many waiting
         coroutines polling each on their own would starve the event loop."""
         now = time.monotonic()
         if now - self._last_room_poll < POLL_MAX:

@@ -8,6 +8,7 @@ trip. Redelivered copies are dropped by ``RowId``.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -245,11 +246,12 @@ def ingested_events(publisher: str, seqs: Collection[int]) -> Query:
 
 def seq_ranges(seqs: Collection[int], most: int) -> list[tuple[int, int]]:
     """At most ``most`` ranges covering ``seqs``, cut at the widest gaps between them."""
-    ordered = sorted(set(seqs))
+    ordered = sorted(seqs)  # nearly sorted already: a pending dict is in publish order
     if not ordered:
         raise ValueError("no sequences to cover")
-    gaps = [ordered[i] - ordered[i - 1] for i in range(1, len(ordered))]
-    cuts = sorted(i + 1 for i in heapq.nlargest(most - 1, range(len(gaps)), key=gaps.__getitem__))
+    gaps = [high - low for low, high in itertools.pairwise(ordered)]
+    widest = heapq.nlargest(most - 1, range(len(gaps)), key=gaps.__getitem__)
+    cuts = sorted(i + 1 for i in widest if gaps[i])
     return [
         (ordered[start], ordered[end - 1])
         for start, end in zip([0, *cuts], [*cuts, len(ordered)], strict=True)
