@@ -51,7 +51,7 @@ CLI_MODULE = "langgraph.checkpoint.kusto.ingestor_worker.cli"
 COUNT_EVENTS = """\
 declare query_parameters(prefix:string);
 CheckpointEvents
-| where ThreadId startswith prefix
+| where ThreadId startswith prefix and RowKind != "dead_letter"
 | distinct EventId
 | count"""
 

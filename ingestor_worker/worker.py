@@ -84,6 +84,9 @@ out at once (``strong`` writes wait on them); under steady load the batch fills 
 
 QUEUE_ERROR_PAUSE = 1.0
 MIN_RENEW_INTERVAL = 0.05
+NOTE_TIMEOUT = 5.0
+"""One attempt at ingesting a cycle's dead-letter notes: they are a courtesy to the saver
+that published the events (it stops waiting for them), never worth holding the loop."""
 MAX_RENEW_INTERVAL = 5.0
 
 # Dead-letter reasons the worker gives, besides the envelope errors' own
@@ -352,6 +355,8 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.totals = WorkerTotals()
         self._held: dict[str, _PendingEvent] = {}
+        self._notes: dict[str, dict[str, Any]] = {}
+        """This cycle's dead-letter notes (event id -> row), ingested once it is settled."""
         self._renewer = LockRenewer(
             receiver, max_renewal=max_lock_renewal, on_lost=self.metrics.locks_lost
         )
@@ -460,6 +465,7 @@ class Worker:
                 cause = "shutdown" if gave_up.why == "shutdown deadline" else "retry_exhausted"
                 self._abandon(unsettled, cause, result)
                 break
+        self._write_notes()
         result.events_held = len(self._held)
         return result
 
@@ -710,9 +716,14 @@ class Worker:
     ) -> None:
         """Dead-letter one event's messages (or one undecodable message)."""
         self._renewer.untrack(messages)
+        dead_lettered = False
         for message in messages:
             with contextlib.suppress(LockLostError):  # redelivered, and judged again then
                 self.receiver.dead_letter(message, reason, description)
+                dead_lettered = True
+        event_id = event_id or event_id_of(messages[0].message_id)
+        if dead_lettered and event_id is not None:
+            self._notes[event_id] = dead_letter_row(event_id, messages[0].session_id, reason)
         result.events_dead_lettered += 1
         self.totals.events_dead_lettered += 1
         self.metrics.dead_lettered(reason)
@@ -724,25 +735,21 @@ class Worker:
                 "message_id": messages[0].message_id,
             },
         )
-        self._note_dead_letter(messages[0], reason, event_id or event_id_of(messages[0].message_id))
 
-    def _note_dead_letter(
-        self, message: ReceivedMessage, reason: str, event_id: str | None
-    ) -> None:
-        """Tell Kusto, so the saver that published the event stops waiting for it and says
-        why. One attempt: the dead letter itself is what keeps the event; without the
-        note, that saver's reads wait their ``strong_timeout`` as before."""
-        if event_id is None:
+    def _write_notes(self) -> None:
+        """Tell Kusto which events this cycle dead-lettered, so the saver that published one
+        stops waiting for it and says why. One attempt: the dead letters themselves are
+        what keeps the events; without a note, that saver's reads wait ``strong_timeout``."""
+        if not self._notes:
             return
-        row = dead_letter_row(event_id, message.session_id, reason)
+        rows = list(self._notes.values())
+        self._notes.clear()
         try:
-            run_with_timeout(
-                lambda: self.ingestor.ingest([row]), self.retry.attempt_timeout, self._deadline
-            )
+            run_with_timeout(lambda: self.ingestor.ingest(rows), NOTE_TIMEOUT, self._deadline)
         except Exception as exc:
             logger.warning(
-                "dead-letter note not ingested",
-                extra={"message_id": message.message_id, "error": type(exc).__name__},
+                "dead-letter notes not ingested",
+                extra={"notes": len(rows), "error": type(exc).__name__},
             )
 
     def _abandon(self, events: list[_PendingEvent], cause: str, result: CycleResult) -> None:

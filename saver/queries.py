@@ -215,9 +215,8 @@ union
     | where RowKind != "dead_letter" and ({ranges})
     | summarize by EventId
     | extend DeadLetterReason = ""),
-    (Mine
-    | where RowKind != "dead_letter"
-    | join kind=leftsemi DeadLetters on EventId
+    ({table}
+    | where EventId in ((DeadLetters | project EventId)) and RowKind != "dead_letter"
     | summarize by EventId
     | extend DeadLetterReason = ""),
     DeadLetters"""
