@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor
@@ -66,3 +67,28 @@ def stack(
 def private_queue(tmp_path: Path) -> str:
     """A queue no worker drains, for tests that control the worker themselves."""
     return f"sqlite:///{tmp_path / 'outbox.db'}"
+
+
+@pytest.fixture
+def start_worker(kusto_server: LocalKustoServer) -> Iterator[Callable[..., None]]:
+    """``start_worker(queue_url, **worker_options)``: a worker in this process draining
+    that queue (a ``private_queue``) into the local Kusto; each is stopped at teardown."""
+    running: list[tuple[threading.Event, threading.Thread, KustoIngestor, Any]] = []
+
+    def start(queue_url: str, **options: Any) -> None:
+        queue = open_queue(queue_url)
+        ingestor = KustoIngestor(kusto_server.url, DATABASE)
+        stop = threading.Event()
+        options.setdefault("max_wait", 0.05)
+        thread = threading.Thread(
+            target=Worker(queue, ingestor, **options).run, args=(stop,), daemon=True
+        )
+        thread.start()
+        running.append((stop, thread, ingestor, queue))
+
+    yield start
+    for stop, thread, ingestor, queue in running:
+        stop.set()
+        thread.join(timeout=30)
+        ingestor.close()
+        queue.close()

@@ -6,7 +6,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,8 +20,6 @@ from langgraph.checkpoint.kusto.cache import (
     PENDING_EVENT_BYTES,
     ReadCache,
 )
-from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor
-from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
 from langgraph.checkpoint.kusto.outbox import open_queue
 from langgraph.checkpoint.kusto.shared.assembly import StoredCheckpoint, StoredWrite
 from langgraph.checkpoint.kusto.shared.rows import StoredValue
@@ -82,7 +79,7 @@ def test_byte_bound_counts_shared_blobs_once() -> None:
 
 
 def test_evicted_unconfirmed_write_makes_reads_wait_for_kusto(
-    stack: Any, private_queue: str
+    stack: Any, private_queue: str, start_worker: Any
 ) -> None:
     thread = f"evicted-{uuid.uuid4().hex[:8]}"
     config = {"configurable": {"thread_id": thread}}
@@ -103,22 +100,10 @@ def test_evicted_unconfirmed_write_makes_reads_wait_for_kusto(
         with pytest.raises(IngestionTimeoutError):
             saver.get_tuple(config)
 
-        queue = open_queue(private_queue)
-        ingestor = KustoIngestor(stack.cluster, stack.database)
-        stop = threading.Event()
-        runner = threading.Thread(
-            target=Worker(queue, ingestor, max_wait=0.05).run, args=(stop,), daemon=True
-        )
-        runner.start()
-        try:
-            saver.strong_timeout = 30
-            found = saver.get_tuple(config)
-            assert found is not None and found.checkpoint["id"] == checkpoint["id"]
-        finally:
-            stop.set()
-            runner.join(timeout=10)
-            ingestor.close()
-            queue.close()
+        start_worker(private_queue)
+        saver.strong_timeout = 30
+        found = saver.get_tuple(config)
+        assert found is not None and found.checkpoint["id"] == checkpoint["id"]
 
 
 MEMORY_PROBE = r"""
@@ -161,41 +146,28 @@ with KustoSaver.from_conn_string(
 
 @pytest.mark.slow
 def test_memory_stays_under_the_cache_bound_over_100k_checkpoints(
-    stack: Any, tmp_path: Path
+    stack: Any, private_queue: str, start_worker: Any
 ) -> None:
     """100,000 checkpoints over 10,000 threads through one saver, a worker ingesting."""
-    queue_url = f"sqlite:///{tmp_path / 'outbox.db'}"
     max_bytes = 16 * 1024 * 1024
-    queue = open_queue(queue_url)
-    ingestor = KustoIngestor(stack.cluster, stack.database)
-    stop = threading.Event()
-    runner = threading.Thread(
-        target=Worker(queue, ingestor, max_wait=0.05).run, args=(stop,), daemon=True
+    start_worker(private_queue)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            MEMORY_PROBE,
+            private_queue,
+            stack.cluster,
+            stack.database,
+            str(max_bytes),
+            "100000",
+            "10000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
     )
-    runner.start()
-    try:
-        probe = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                MEMORY_PROBE,
-                queue_url,
-                stack.cluster,
-                stack.database,
-                str(max_bytes),
-                "100000",
-                "10000",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=True,
-        )
-    finally:
-        stop.set()
-        runner.join(timeout=30)
-        ingestor.close()
-        queue.close()
     report = json.loads(probe.stdout.strip().splitlines()[-1])
     assert report["cache_bytes"] <= max_bytes
     # The bound covers what the cache remembers of unconfirmed events too, however far the
@@ -212,7 +184,7 @@ def _put_on_thread(saver: KustoSaver, thread: str) -> str:
 
 
 def test_with_the_worker_down_unconfirmed_events_stay_in_the_bound_and_writes_wait(
-    stack: Any, private_queue: str
+    stack: Any, private_queue: str, start_worker: Any
 ) -> None:
     """No worker: what the cache remembers of unconfirmed events fills the byte bound, then
     a write waits for the ingestor, is refused without being sent, and succeeds once the
@@ -230,47 +202,18 @@ def test_with_the_worker_down_unconfirmed_events_stay_in_the_bound_and_writes_wa
         assert len(written) == 40  # what the bound holds: 40 unconfirmed events
         assert saver.cache.size_bytes <= max_bytes
         queue = open_queue(private_queue)
-        assert queue.depth() == len(written)  # the refused write is not in the outbox
-
-        ingestor = KustoIngestor(stack.cluster, stack.database)
-        stop = threading.Event()
-        runner = threading.Thread(
-            target=Worker(queue, ingestor, max_wait=0.05).run, args=(stop,), daemon=True
-        )
-        runner.start()
         try:
-            saver.strong_timeout = 30
-            refused = f"{prefix}-{len(written)}"
-            written[refused] = _put_on_thread(saver, refused)
-            for thread, checkpoint_id in written.items():
-                found = saver.get_tuple({"configurable": {"thread_id": thread}})
-                assert found is not None and found.checkpoint["id"] == checkpoint_id
-        finally:
-            stop.set()
-            runner.join(timeout=10)
-            ingestor.close()
-            queue.close()
-
-
-async def test_async_writes_wait_for_room_and_are_refused_unsent(
-    stack: Any, private_queue: str
-) -> None:
-    max_bytes = 20 * PENDING_EVENT_BYTES
-    async with AsyncKustoSaver.from_conn_string(
-        private_queue, stack.cluster, stack.database, cache_max_bytes=max_bytes, strong_timeout=0.3
-    ) as saver:
-        sent = 0
-        with pytest.raises(IngestionTimeoutError, match="this write was not sent"):
-            for i in range(100):
-                config = {"configurable": {"thread_id": f"async-backlog-{i}", "checkpoint_ns": ""}}
-                await saver.aput(config, empty_checkpoint(), {}, {})
-                sent += 1
-        assert sent == 20
-        queue = open_queue(private_queue)
-        try:
-            assert queue.depth() == sent
+            assert queue.depth() == len(written)  # the refused write is not in the outbox
         finally:
             queue.close()
+
+        start_worker(private_queue)
+        saver.strong_timeout = 30
+        refused = f"{prefix}-{len(written)}"
+        written[refused] = _put_on_thread(saver, refused)
+        for thread, checkpoint_id in written.items():
+            found = saver.get_tuple({"configurable": {"thread_id": thread}})
+            assert found is not None and found.checkpoint["id"] == checkpoint_id
 
 
 async def test_concurrent_writes_share_the_room_and_the_rest_are_refused_unsent(

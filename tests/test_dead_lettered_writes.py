@@ -3,7 +3,6 @@ published it stops waiting for it at once and says why; after a replay it reads 
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from typing import Any
@@ -30,26 +29,17 @@ def _put(saver: KustoSaver, thread: str, size: int = 10) -> str:
     return saver.put(config, checkpoint, {}, {"v": "1"})["configurable"]["checkpoint_id"]
 
 
-def _run_worker(queue_url: str, cluster: str, database: str, **options: Any) -> Any:
-    queue = open_queue(queue_url)
-    ingestor = KustoIngestor(cluster, database)
-    stop = threading.Event()
-    runner = threading.Thread(
-        target=Worker(queue, ingestor, max_wait=0.05, **options).run, args=(stop,), daemon=True
-    )
-    runner.start()
-
-    def stop_worker() -> None:
-        stop.set()
-        runner.join(timeout=10)
+def _note(stack: Any, event_id: str, thread: str, reason: str) -> None:
+    """The worker's note that it dead-lettered ``event_id``, ingested as the worker does."""
+    ingestor = KustoIngestor(stack.cluster, stack.database)
+    try:
+        ingestor.ingest([dead_letter_row(event_id, thread, reason)])
+    finally:
         ingestor.close()
-        queue.close()
-
-    return stop_worker
 
 
 def test_a_dead_lettered_write_fails_reads_that_need_it_at_once_with_the_reason(
-    stack: Any, private_queue: str
+    stack: Any, private_queue: str, start_worker: Any
 ) -> None:
     thread = f"dead-{uuid.uuid4().hex[:8]}"
     with KustoSaver.from_conn_string(
@@ -63,18 +53,15 @@ def test_a_dead_lettered_write_fails_reads_that_need_it_at_once_with_the_reason(
         finally:
             queue.close()
         event_id = event_id_of(lost[0].message_id)
-        stop_worker = _run_worker(
-            private_queue, stack.cluster, stack.database, chunk_group_timeout=0.2
-        )
-        try:
-            with pytest.raises(EventDeadLetteredError, match="IncompleteChunkGroup") as raised:
-                saver.wait_for_ingestion()
-        finally:
-            stop_worker()
+        start_worker(private_queue, chunk_group_timeout=0.2)
+        with pytest.raises(EventDeadLetteredError, match="IncompleteChunkGroup") as raised:
+            saver.wait_for_ingestion()
     assert raised.value.reasons == {event_id: "IncompleteChunkGroup"}
 
 
-def test_a_replayed_dead_letter_is_read_again(stack: Any, private_queue: str) -> None:
+def test_a_replayed_dead_letter_is_read_again(
+    stack: Any, private_queue: str, start_worker: Any
+) -> None:
     """The note stays in Kusto; once the event's own rows arrive (the replay), the saver
     counts it as ingested."""
     thread = f"replayed-{uuid.uuid4().hex[:8]}"
@@ -84,26 +71,19 @@ def test_a_replayed_dead_letter_is_read_again(stack: Any, private_queue: str) ->
         checkpoint_id = _put(saver, thread)
         assert saver.cache is not None
         (event_id,) = saver.cache.pending_events()
-        ingestor = KustoIngestor(stack.cluster, stack.database)
-        try:
-            ingestor.ingest([dead_letter_row(event_id, thread, "EventTooLarge")])
-        finally:
-            ingestor.close()
+        _note(stack, event_id, thread, "EventTooLarge")
         with pytest.raises(EventDeadLetteredError, match="EventTooLarge"):
             saver.wait_for_ingestion()
 
-        stop_worker = _run_worker(private_queue, stack.cluster, stack.database)
-        try:  # until the replayed rows are in, the note still stands
-            deadline = time.monotonic() + WAIT
-            while True:
-                try:
-                    saver.wait_for_ingestion()
-                    break
-                except EventDeadLetteredError:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
-        finally:
-            stop_worker()
+        start_worker(private_queue)  # the replay: the event's own rows arrive
+        deadline = time.monotonic() + WAIT
+        while True:  # until they are in, the note still stands
+            try:
+                saver.wait_for_ingestion()
+                break
+            except EventDeadLetteredError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
         assert saver.cache.pending_count() == 0 and saver.cache.dead_lettered() == {}
     with KustoSaver.from_conn_string(
         stack.queue_url, stack.cluster, stack.database, consistency="eventual"
@@ -123,11 +103,7 @@ async def test_the_async_saver_stops_waiting_for_a_dead_lettered_write(
         await saver.aput(config, empty_checkpoint(), {}, {})
         assert saver.cache is not None
         (event_id,) = saver.cache.pending_events()
-        ingestor = KustoIngestor(stack.cluster, stack.database)
-        try:
-            ingestor.ingest([dead_letter_row(event_id, thread, "BadEnvelope")])
-        finally:
-            ingestor.close()
+        _note(stack, event_id, thread, "BadEnvelope")
         with pytest.raises(EventDeadLetteredError) as raised:
             await saver.wait_for_ingestion()
     assert raised.value.reasons == {event_id: "BadEnvelope"}
