@@ -84,10 +84,10 @@ out at once (``strong`` writes wait on them); under steady load the batch fills 
 
 QUEUE_ERROR_PAUSE = 1.0
 MIN_RENEW_INTERVAL = 0.05
+MAX_RENEW_INTERVAL = 5.0
 NOTE_TIMEOUT = 5.0
 """One attempt at ingesting a cycle's dead-letter notes: they are a courtesy to the saver
 that published the events (it stops waiting for them), never worth holding the loop."""
-MAX_RENEW_INTERVAL = 5.0
 
 # Dead-letter reasons the worker gives, besides the envelope errors' own
 # (MalformedEnvelope, UnknownEnvelopeVersion, IncompleteChunkGroup).

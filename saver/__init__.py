@@ -289,7 +289,8 @@ class KustoSaver(BaseKustoSaver):
         """Wait until every event this saver published is queryable in Kusto.
 
         For handing a thread to another process, or before analysing it with KQL. Raises
-        ``IngestionTimeoutError`` after ``timeout`` seconds (default ``strong_timeout``).
+        ``IngestionTimeoutError`` after ``timeout`` seconds (default ``strong_timeout``), or
+        at once ``EventDeadLetteredError`` if the ingestor dead-lettered one of them.
         ``strong`` savers are always caught up; ``eventual`` savers track nothing.
         """
         refuse_event_loop_thread()

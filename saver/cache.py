@@ -262,7 +262,8 @@ class ReadCache:
             )
             for key, entry in self._entries.items():  # a survivor whose parent goes: none
                 parent = (key[1], entry.checkpoint.parent_checkpoint_id)
-                if key[0] == thread_id and key[1:] in survivors and parent not in survivors:
+                orphaned = parent[1] and parent not in survivors
+                if key[0] == thread_id and key[1:] in survivors and orphaned:
                     entry.checkpoint = replace(entry.checkpoint, parent_checkpoint_id="")
                     self._drop_snapshot(entry)
             self._add_pending(event_id, seq)
