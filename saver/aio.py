@@ -275,12 +275,18 @@ class AsyncKustoSaver(BaseKustoSaver):
         if not events:
             return
         reserved = await self._make_room(len(events))
+        send = asyncio.ensure_future(
+            self.outbox.send([m for event in events for m in self._messages(event)])
+        )
         try:
-            await self.outbox.send([m for event in events for m in self._messages(event)])
+            await asyncio.shield(send)
+        except asyncio.CancelledError:
+            # The caller gave up, but a queue cannot take a send back: what it commits is
+            # remembered when it ends, or this process would read older state than it wrote.
+            send.add_done_callback(lambda sent: self._settle_send(sent, events, reserved))
+            raise
         except BaseException:
-            if reserved:
-                assert self.cache is not None
-                self.cache.release(reserved)
+            self._release(reserved)
             raise
         if self.consistency is Consistency.STRONG:
             await self._wait_ingested({event.event_id: event.seq for event in events})
@@ -290,6 +296,21 @@ class AsyncKustoSaver(BaseKustoSaver):
             assert self.cache is not None
             if pending := self.cache.pending_events():
                 await self._confirm(pending)
+
+    def _settle_send(
+        self, sent: asyncio.Future[None], events: Sequence[Event], reserved: int
+    ) -> None:
+        """After a send whose caller was cancelled: remember what it committed."""
+        if sent.cancelled() or sent.exception() is not None:
+            self._release(reserved)
+        elif self.cache is not None:
+            for event in events:
+                self._remember(event)
+
+    def _release(self, reserved: int) -> None:
+        if reserved:
+            assert self.cache is not None
+            self.cache.release(reserved)
 
     async def _confirm(self, events: Mapping[str, int]) -> tuple[set[str], dict[str, str]]:
         """Which of ``events`` (id -> seq) Kusto holds, and which of this saver's events

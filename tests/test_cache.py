@@ -434,3 +434,35 @@ def test_eviction_is_least_recently_used_across_entries_and_orphan_writes() -> N
     assert all(cache.get(("t", "", f"c{n}")) is not None for n in range(5))
     assert not cache.orphan_writes(("other", "", "c0"))  # the oldest went first
     assert cache.size_bytes <= max_bytes
+
+
+async def test_a_write_whose_caller_was_cancelled_is_still_read_back(
+    stack: Any, private_queue: str
+) -> None:
+    """Cancelling an ``aput`` does not take its events off the queue once the send has
+    started (the commit goes ahead): the cache must then learn them, or this process reads
+    older state than it wrote, for good."""
+    async with AsyncKustoSaver.from_conn_string(
+        private_queue, stack.cluster, stack.database, strong_timeout=0.5
+    ) as saver:
+        thread = f"cancelled-{uuid.uuid4().hex[:8]}"
+        config = {"configurable": {"thread_id": thread, "checkpoint_ns": ""}}
+        written = await saver.aput(config, empty_checkpoint(), {}, {})
+        second = empty_checkpoint()
+        task = asyncio.create_task(saver.aput(written, second, {}, {}))
+        await asyncio.sleep(0)  # the task runs up to the send it awaits
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        queue = open_queue(private_queue)
+        try:
+            assert queue.depth() == 2  # the second put was committed all the same
+        finally:
+            queue.close()
+        for _ in range(100):  # the send finishes on its own, a few loop turns later
+            found = await saver.aget_tuple(config)
+            assert found is not None
+            if found.checkpoint["id"] == second["id"]:
+                break
+            await asyncio.sleep(0.01)
+        assert found.checkpoint["id"] == second["id"]
