@@ -391,11 +391,12 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         return ingested, dead
 
     def _dead_lettered(self, reasons: Mapping[str, str]) -> EventDeadLetteredError:
+        events = "1 event" if len(reasons) == 1 else f"{len(reasons)} events"
         return EventDeadLetteredError(
-            f"{len(reasons)} events this process published were dead-lettered by the "
-            f"ingestor ({', '.join(sorted(set(reasons.values())))}): what they wrote is not "
-            "in Kusto until they are replayed (`langgraph-kusto dlq list`, then `dlq "
-            "replay` once the cause is fixed).",
+            f"The ingestor dead-lettered {events} this process published "
+            f"({', '.join(sorted(set(reasons.values())))}); what they wrote is not in Kusto "
+            "until replayed (`langgraph-kusto dlq list`, then `dlq replay` once the cause is "
+            "fixed).",
             reasons,
         )
 
