@@ -225,9 +225,7 @@ class KustoSaver(BaseKustoSaver):
         try:
             self.outbox.send([m for event in events for m in self._messages(event)])
         except BaseException:
-            if reserved:
-                assert self.cache is not None
-                self.cache.release(reserved)
+            self._release(reserved)
             raise
         if self.consistency is Consistency.STRONG:
             self._wait_ingested({event.event_id: event.seq for event in events})

@@ -307,11 +307,6 @@ class AsyncKustoSaver(BaseKustoSaver):
             for event in events:
                 self._remember(event)
 
-    def _release(self, reserved: int) -> None:
-        if reserved:
-            assert self.cache is not None
-            self.cache.release(reserved)
-
     async def _confirm(self, events: Mapping[str, int]) -> tuple[set[str], dict[str, str]]:
         """Which of ``events`` (id -> seq) Kusto holds, and which of this saver's events
         the ingestor dead-lettered (id -> reason)."""

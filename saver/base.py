@@ -355,6 +355,12 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         self._last_confirm = now
         return True
 
+    def _release(self, reserved: int) -> None:
+        """Give back the room ``_make_room`` reserved for events that were not sent."""
+        if reserved:
+            assert self.cache is not None
+            self.cache.release(reserved)
+
     def _room_poll_due(self) -> bool:
         """Writes waiting for room share one confirmation round per ``POLL_MAX``: a round
         costs O(pending events) on the caller's thread (~45 ms at 244k), and many waiting
