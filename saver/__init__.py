@@ -232,14 +232,21 @@ class KustoSaver(BaseKustoSaver):
         for event in events:
             self._remember(event)
         if self._confirmation_due():
-            assert self.cache is not None
-            if pending := self.cache.pending_events():
-                self._confirm(pending)
+            self._confirm_for_room()
 
     def _confirm(self, events: Mapping[str, int]) -> tuple[set[str], dict[str, str]]:
         """Which of ``events`` (id -> seq) Kusto holds, and which of this saver's events
         the ingestor dead-lettered (id -> reason)."""
         return self._settle(self.queries.run(self._ingested_query(events)))
+
+    def _confirm_for_room(self) -> None:
+        """One confirmation round to free the cache's room; Kusto's errors are logged."""
+        assert self.cache is not None
+        if pending := self.cache.pending_events():
+            try:
+                self._confirm(pending)
+            except Exception as error:
+                self._confirmation_failed(error)
 
     def _make_room(self, events: int) -> int:
         """Reserve the cache's room for remembering ``events`` until Kusto confirms them.
@@ -256,8 +263,8 @@ class KustoSaver(BaseKustoSaver):
         deadline = time.monotonic() + self.strong_timeout
         delay = POLL_START
         while True:
-            if self._room_poll_due() and (pending := cache.pending_events()):
-                self._confirm(pending)
+            if self._room_poll_due():
+                self._confirm_for_room()
             if cache.reserve(events):
                 return events
             if time.monotonic() > deadline:

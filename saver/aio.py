@@ -61,6 +61,7 @@ class AsyncKustoSaver(BaseKustoSaver):
         self.outbox = outbox
         self.queries = queries
         self.loop = asyncio.get_running_loop()
+        self._confirming: asyncio.Future[None] | None = None
 
     @classmethod
     @asynccontextmanager
@@ -83,9 +84,13 @@ class AsyncKustoSaver(BaseKustoSaver):
         settings = resolve(queue, cluster, database)
         outbox = open_async_sender(settings.queue)
         queries = AsyncKustoQueries(settings.cluster, settings.database, credential)
+        saver = None
         try:
-            yield cls(outbox, queries, consistency=consistency, serde=serde, **options)
+            saver = cls(outbox, queries, consistency=consistency, serde=serde, **options)
+            yield saver
         finally:
+            if saver is not None and saver._confirming is not None:
+                saver._confirming.cancel()  # only frees room, and the connection closes
             await queries.close()
             await outbox.close()
 
@@ -292,10 +297,10 @@ class AsyncKustoSaver(BaseKustoSaver):
             await self._wait_ingested({event.event_id: event.seq for event in events})
         for event in events:
             self._remember(event)
-        if self._confirmation_due():
-            assert self.cache is not None
-            if pending := self.cache.pending_events():
-                await self._confirm(pending)
+        if self._confirmation_due() and self._confirming is None:
+            # In the background: a write never waits on Kusto (unless ``strong``).
+            self._confirming = asyncio.ensure_future(self._confirm_for_room())
+            self._confirming.add_done_callback(self._confirmed)
 
     def _settle_send(
         self, sent: asyncio.Future[None], events: Sequence[Event], reserved: int
@@ -312,6 +317,18 @@ class AsyncKustoSaver(BaseKustoSaver):
         the ingestor dead-lettered (id -> reason)."""
         return self._settle(await self.queries.run(self._ingested_query(events)))
 
+    async def _confirm_for_room(self) -> None:
+        """One confirmation round to free the cache's room; Kusto's errors are logged."""
+        assert self.cache is not None
+        if pending := self.cache.pending_events():
+            try:
+                await self._confirm(pending)
+            except Exception as error:
+                self._confirmation_failed(error)
+
+    def _confirmed(self, _: asyncio.Future[None]) -> None:
+        self._confirming = None
+
     async def _make_room(self, events: int) -> int:
         """Reserve the cache's room for remembering ``events`` until Kusto confirms them.
 
@@ -327,8 +344,8 @@ class AsyncKustoSaver(BaseKustoSaver):
         deadline = time.monotonic() + self.strong_timeout
         delay = POLL_START
         while True:
-            if self._room_poll_due() and (pending := cache.pending_events()):
-                await self._confirm(pending)
+            if self._room_poll_due():
+                await self._confirm_for_room()
             if cache.reserve(events):
                 return events
             if time.monotonic() > deadline:

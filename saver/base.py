@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
@@ -66,6 +67,8 @@ PENDING_LIMIT = 10_000
 POLL_START, POLL_MAX = 0.02, 0.5
 EMPTY_TYPE = "empty"
 """Type tag of a channel that has a version but no value (LangGraph's own convention)."""
+
+logger = logging.getLogger("langgraph.checkpoint.kusto.saver")
 
 
 class IngestionTimeoutError(TimeoutError):
@@ -354,6 +357,16 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             return False
         self._last_confirm = now
         return True
+
+    def _confirmation_failed(self, error: Exception) -> None:
+        """A confirmation round only frees the cache's room, so Kusto being unreachable
+        must not fail the write that ran it (its event is already on the queue): the
+        next round asks again."""
+        assert self.cache is not None
+        logger.warning(
+            "could not ask Kusto which events it has ingested; will ask again",
+            extra={"error": type(error).__name__, "pending_events": self.cache.pending_count()},
+        )
 
     def _release(self, reserved: int) -> None:
         """Give back the room ``_make_room`` reserved for events that were not sent."""

@@ -255,6 +255,91 @@ async def test_concurrent_writes_share_the_room_and_the_rest_are_refused_unsent(
             queue.close()
 
 
+UNREACHABLE_CLUSTER = "http://127.0.0.1:9"
+"""Nothing listens on the discard port: every query fails to connect."""
+
+
+def test_sync_writes_succeed_while_kusto_is_unreachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Asking Kusto which events it holds only frees cache room: when Kusto is down, the
+    write that asked (already on the queue) must not fail. It raised KustoNetworkError."""
+    monkeypatch.setattr("langgraph.checkpoint.kusto.base.PENDING_LIMIT", 2)
+    monkeypatch.setattr("langgraph.checkpoint.kusto.base.CONFIRM_INTERVAL", 0.0)
+    queue_url = f"sqlite:///{tmp_path / 'q.db'}"
+    with KustoSaver.from_conn_string(queue_url, UNREACHABLE_CLUSTER) as saver:
+        written = {f"down-{i}": _put_on_thread(saver, f"down-{i}") for i in range(6)}
+        for thread, checkpoint_id in written.items():
+            found = saver.get_tuple({"configurable": {"thread_id": thread}})
+            assert found is not None and found.checkpoint["id"] == checkpoint_id
+    assert "could not ask Kusto which events it has ingested" in caplog.text
+    queue = open_queue(queue_url)
+    try:
+        assert queue.depth() == 6
+    finally:
+        queue.close()
+
+
+async def test_async_writes_neither_wait_for_nor_fail_on_kusto(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The async saver asks Kusto in the background: a write returns while the round is
+    still waiting for Kusto, and a failed round is logged, not raised."""
+    monkeypatch.setattr("langgraph.checkpoint.kusto.base.PENDING_LIMIT", 2)
+    monkeypatch.setattr("langgraph.checkpoint.kusto.base.CONFIRM_INTERVAL", 0.0)
+    async with AsyncKustoSaver.from_conn_string(
+        f"sqlite:///{tmp_path / 'q.db'}", UNREACHABLE_CLUSTER
+    ) as saver:
+        kusto_answers = asyncio.Event()
+        confirm = saver._confirm
+
+        async def slow_kusto(events: Any) -> Any:
+            await kusto_answers.wait()
+            return await confirm(events)
+
+        saver._confirm = slow_kusto  # type: ignore[method-assign]
+        ids = []
+        for i in range(6):
+            checkpoint = empty_checkpoint()
+            config = {"configurable": {"thread_id": f"down-{i}", "checkpoint_ns": ""}}
+            await asyncio.wait_for(saver.aput(config, checkpoint, {}, {}), timeout=5)
+            ids.append(checkpoint["id"])
+        assert saver._confirming is not None  # one round, still waiting for Kusto
+        kusto_answers.set()
+        await asyncio.wait_for(saver._confirming, timeout=30)
+        for i, checkpoint_id in enumerate(ids):
+            found = await saver.aget_tuple({"configurable": {"thread_id": f"down-{i}"}})
+            assert found is not None and found.checkpoint["id"] == checkpoint_id
+    assert "could not ask Kusto which events it has ingested" in caplog.text
+
+
+@pytest.mark.parametrize("saver_class", [KustoSaver, AsyncKustoSaver])
+async def test_a_write_waiting_for_room_while_kusto_is_unreachable_is_refused_unsent(
+    tmp_path: Path, saver_class: Any
+) -> None:
+    """It raised the connection error from a confirmation round instead of waiting out
+    ``strong_timeout`` for Kusto to come back and refusing the write."""
+    options = {"cache_max_bytes": 3 * PENDING_EVENT_BYTES, "strong_timeout": 0.3}
+    queue_url = f"sqlite:///{tmp_path / 'q.db'}"
+    with pytest.raises(IngestionTimeoutError, match="this write was not sent"):
+        if saver_class is KustoSaver:
+            with KustoSaver.from_conn_string(queue_url, UNREACHABLE_CLUSTER, **options) as sync:
+                for i in range(4):
+                    await asyncio.to_thread(_put_on_thread, sync, f"room-{i}")
+        else:
+            async with AsyncKustoSaver.from_conn_string(
+                queue_url, UNREACHABLE_CLUSTER, **options
+            ) as saver:
+                for i in range(4):
+                    config = {"configurable": {"thread_id": f"room-{i}", "checkpoint_ns": ""}}
+                    await saver.aput(config, empty_checkpoint(), {}, {})
+    queue = open_queue(queue_url)
+    try:
+        assert queue.depth() == 3
+    finally:
+        queue.close()
+
+
 def test_reserved_room_is_counted_once_and_given_back_when_not_sent() -> None:
     cache = ReadCache(max_bytes=3 * PENDING_EVENT_BYTES)
     assert cache.reserve(2) and cache.size_bytes == 2 * PENDING_EVENT_BYTES
