@@ -15,11 +15,16 @@ Invariants, each with a test:
   ``decode_event`` only; checkpoint payloads stay opaque bytes.
 
 Failures: transient ones are retried (``retry.py``) while a ``LockRenewer`` keeps the
-locks of everything in hand alive; when the retry budget is spent the messages are
-abandoned and the queue's max delivery count decides when they are dead-lettered. A
-permanent rejection splits the batch in halves until the refused events are found; only
-those are dead-lettered, with the cause. Poison input (undecodable, unknown version, a
-chunk group that never completes) is dead-lettered with a specific reason.
+locks of everything in hand alive. When the retry budget is spent because Kusto itself is
+unavailable (unreachable, failing, throttling, timing out, or missing a table, mapping or
+permission), the worker keeps the batch and starts another round: giving it back would
+spend one of its deliveries per round, and after ``MaxDeliveryCount`` rounds the queue
+would dead-letter a thread's older events while its newer ones, delivered fewer times,
+were ingested once Kusto returned. Other failures give the batch back, and the queue's max
+delivery count decides when it is dead-lettered. A permanent rejection splits the batch
+in halves until the refused events are found; only those are dead-lettered, with the
+cause. Poison input (undecodable, unknown version, a chunk group that never completes) is
+dead-lettered with a specific reason.
 """
 
 from __future__ import annotations
@@ -93,6 +98,11 @@ that published the events (it stops waiting for them), never worth holding the l
 # (MalformedEnvelope, UnknownEnvelopeVersion, IncompleteChunkGroup).
 INGESTION_REJECTED = "IngestionRejected"
 EVENT_TOO_LARGE = "EventTooLarge"
+KUSTO_UNAVAILABLE_CAUSES = frozenset(
+    {Cause.THROTTLED, Cause.SERVER_ERROR, Cause.TIMEOUT, Cause.NETWORK, Cause.CONFIGURATION}
+)
+"""Transient causes that are Kusto's (or its settings'), not the batch's: every batch
+would fail the same way, so the worker holds on to the one in hand until Kusto is back."""
 _REASON_BY_CAUSE = {Cause.REJECTED: INGESTION_REJECTED, Cause.TOO_LARGE: EVENT_TOO_LARGE}
 _HINT_BY_CAUSE = {
     Cause.REJECTED: "Fix the cause, then replay the dead letter.",
@@ -225,6 +235,15 @@ class LockRenewer:
         with self._lock:
             self._leases.clear()
             self._lost_sessions.clear()
+
+    def keep_alive(self) -> None:
+        """The worker is still at work on everything in hand (waiting for Kusto to come
+        back): count ``max_renewal`` from now."""
+        now = time.time()
+        with self._lock:
+            for lease in self._leases.values():
+                lease.tracked_at = now
+        self._wake.set()
 
     def take_lost_sessions(self) -> set[str]:
         with self._lock:
@@ -459,6 +478,9 @@ class Worker:
         operations = self._operations(ready)
         for index, operation in enumerate(operations):
             gave_up = self._ingest_isolating(operation, result)
+            while gave_up is not None and self._kusto_unavailable(gave_up):
+                self._renewer.keep_alive()
+                gave_up = self._ingest_isolating([p for p in operation if not p.settled], result)
             if gave_up is not None:
                 # Later events of the same threads must not overtake the ones given back.
                 unsettled = [p for op in operations[index:] for p in op if not p.settled]
@@ -468,6 +490,10 @@ class Worker:
         self._write_notes()
         result.events_held = len(self._held)
         return result
+
+    def _kusto_unavailable(self, gave_up: RetryGaveUp) -> bool:
+        """Whether to keep the batch for another round of retries rather than give it back."""
+        return not self._stop.is_set() and gave_up.failure.cause in KUSTO_UNAVAILABLE_CAUSES
 
     def _collect(self, result: CycleResult) -> None:
         """Receive until the batch is full, ``max_batch_delay`` has passed since its first
@@ -607,7 +633,9 @@ class Worker:
             )
         except RetryGaveUp as exc:
             logger.error(
-                "ingestion failed; giving the batch back to the queue",
+                "ingestion failed; retrying with the batch in hand"
+                if self._kusto_unavailable(exc)
+                else "ingestion failed; giving the batch back to the queue",
                 extra={
                     "events": len(operation),
                     "attempts": exc.attempts,
