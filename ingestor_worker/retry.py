@@ -100,6 +100,15 @@ class IngestFailure:
         parts = [f"HTTP {self.status}" if self.status else None, self.code]
         return " ".join(p for p in parts if p) or self.cause.value
 
+    def log_fields(self) -> dict[str, str]:
+        """What a log line says of the failure. Kusto's text is there only for a
+        configuration error: it names the missing database, table, mapping or permission
+        an operator must fix, and quotes no data."""
+        fields = {"cause": self.cause.value, "error": self.summary()}
+        if self.cause is Cause.CONFIGURATION and self.detail:
+            fields["kusto_message"] = self.detail
+        return fields
+
 
 class AttemptTimeoutError(TimeoutError):
     """An ingestion attempt did not answer within its time limit."""

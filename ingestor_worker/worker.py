@@ -640,8 +640,7 @@ class Worker:
                     "events": len(operation),
                     "attempts": exc.attempts,
                     "why": exc.why,
-                    "cause": exc.failure.cause.value,
-                    "error": exc.failure.summary(),
+                    **exc.failure.log_fields(),
                 },
             )
             return exc
@@ -672,8 +671,7 @@ class Worker:
             log(
                 "ingestion attempt failed; retrying",
                 extra={
-                    "cause": failure.cause.value,
-                    "error": failure.summary(),
+                    **failure.log_fields(),
                     "attempt": attempt_number,
                     "wait_s": round(wait, 3),
                     "events": len(operation),

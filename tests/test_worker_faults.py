@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import threading
 import urllib.error
@@ -49,6 +50,7 @@ FAST_RETRY = RetryPolicy(
     max_attempts=10, budget=30, initial_backoff=0.05, max_backoff=0.2, attempt_timeout=0.5
 )
 DRAIN_TIMEOUT = 60.0
+WORKER_LOGGER = "langgraph.checkpoint.kusto.worker"
 
 
 @pytest.fixture
@@ -192,6 +194,34 @@ def test_a_kusto_outage_longer_than_a_retry_round_dead_letters_nothing(
     points = _points(metrics_reader)
     assert not [key for key in points if key[0] == "langgraph_kusto.worker.events.abandoned"]
     queue.close()
+
+
+def test_a_missing_database_is_named_in_the_log_and_its_events_are_kept(
+    proxy: FaultProxy, private_queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A configuration error is the operator's to fix: the log quotes Kusto's message (it
+    names the database), where it said only "HTTP 400 BadRequest_EntityNotFound"; the
+    events stay in hand, neither given back nor dead-lettered."""
+    _, threads = _threads("unprovisioned", 1)
+    send_all(private_queue, build_checkpoints(threads, 2).messages)
+    queue = SqliteQueue.from_url(private_queue, max_delivery_count=1)
+    ingestor = KustoIngestor(proxy.url, "no_such_database")
+    policy = RetryPolicy(max_attempts=2, initial_backoff=0.01, max_backoff=0.02)
+    worker = Worker(queue, ingestor, retry=policy)
+    try:
+        with caplog.at_level(logging.WARNING, WORKER_LOGGER), _running(worker):
+            assert wait_until(lambda: caplog.text.count("retrying with the batch in hand") >= 3, 10)
+            assert worker.totals.events_abandoned == 0
+            assert queue.dead_letter_count() == 0
+        messages = _kusto_messages(caplog)
+        assert messages and all("no_such_database" in message for message in messages)
+    finally:
+        ingestor.close()
+        queue.close()
+
+
+def _kusto_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.kusto_message for r in caplog.records if hasattr(r, "kusto_message")]
 
 
 class _FailingOnCalls:
