@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote
 
+import duckdb
 import duckdb_kql
 from duckdb_kql.control import is_control_command, strip_leading_comments
 from duckdb_kql.engine import connect
@@ -468,6 +469,43 @@ class IngestError(Exception):
         self.status = status
 
 
+#: DuckDB's errors about the engine rather than the request: I/O (disk full, a locked
+#: file), memory, transaction conflicts, internal errors, a database invalidated by an
+#: earlier fatal error (DB-API's OperationalError and InternalError: "not necessarily
+#: under the control of the programmer"). Azure Data Explorer answers a failure of its
+#: own as transient (5xx, ``"@permanent": false``) and clients retry it; answered as a
+#: bad request, it makes the ingestor dead-letter good events. Every other DuckDB error
+#: (conversion, binder, catalog, parser) is about what the request asked, and stays a
+#: permanent 400.
+_TRANSIENT_ENGINE_ERRORS: tuple[type[duckdb.Error], ...] = (
+    duckdb.OperationalError,
+    duckdb.InternalError,
+    duckdb.FatalException,
+)
+
+
+class _TransientEngineFailure(BaseException):
+    """One of :data:`_TRANSIENT_ENGINE_ERRORS`, on its way out of ``run`` to the handler.
+
+    A BaseException because duckdb-kql's request handler answers every ``Exception``
+    from ``run`` with a permanent 400; this one has to pass that catch-all to reach
+    ``_LocalHandler.do_POST``, which answers it the way Kusto answers its own failures.
+    """
+
+
+def _transient_error_response(message: str) -> dict[str, Any]:
+    """Kusto's error envelope for a failure of the service, which the client may retry."""
+    response = error_response(message, code="General_InternalServerError")
+    response["error"].update(
+        {
+            "message": "An internal error occurred; the request may succeed if retried.",
+            "@type": "Kusto.DataNode.Exceptions.InternalServerError",
+            "@permanent": False,
+        }
+    )
+    return response
+
+
 class Extent(NamedTuple):
     """What one ingestion operation stored: Kusto's unit of atomic visibility."""
 
@@ -870,6 +908,8 @@ class _LocalHandler(_Handler):
         self.headers["Content-Length"] = str(len(rewritten))
         try:
             super().do_POST()
+        except _TransientEngineFailure as exc:  # raised before any part of an answer was sent
+            self._send(500, _transient_error_response(str(exc)))
         finally:
             self.rfile = socket_file
 
@@ -986,7 +1026,10 @@ class _LocalHandler(_Handler):
         except IngestError as exc:
             self._send(exc.status, error_response(str(exc), code=exc.code))
             return
-        except Exception as exc:  # any engine failure is the answer, as a Kusto error
+        except _TRANSIENT_ENGINE_ERRORS as exc:
+            self._send(500, _transient_error_response(str(exc)))
+            return
+        except Exception as exc:  # the engine refused what was asked: a Kusto bad request
             self._send(400, error_response(str(exc), code="BadRequest_InvalidBlob"))
             return
         # Streaming ingestion takes no ingestIfNotExists, so an extent always results.
@@ -1099,7 +1142,23 @@ class LocalKustoRestServer(KustoRestServer):
         database: str | None = None,
         options: dict[str, Any] | None = None,
     ) -> Result:
-        """Our management commands here; everything else through duckdb-kql."""
+        """Our management commands here; everything else through duckdb-kql.
+
+        A failure of the engine itself leaves as :class:`_TransientEngineFailure`, so
+        the client is told to retry rather than that its request is invalid.
+        """
+        try:
+            return self._run(csl, parameters, database, options)
+        except _TRANSIENT_ENGINE_ERRORS as exc:
+            raise _TransientEngineFailure(str(exc)) from exc
+
+    def _run(
+        self,
+        csl: str,
+        parameters: dict[str, Any] | None,
+        database: str | None,
+        options: dict[str, Any] | None,
+    ) -> Result:
         text = strip_leading_comments(csl).strip()
         if is_control_command(text):
             # A command may change what a cached translation means (tables, functions).
@@ -1719,6 +1778,8 @@ class LocalKustoRestServer(KustoRestServer):
                 self._con.commit()
             except Exception as exc:
                 self._con.rollback()
+                if isinstance(exc, _TRANSIENT_ENGINE_ERRORS):
+                    raise  # not the data's fault: the caller says "retry", not "invalid"
                 raise IngestError(f"ingestion into '{table}' failed: {exc}") from None
         return extent
 
@@ -2107,6 +2168,7 @@ _POLL_INTERVAL = 0.1
 _VISIBILITY_TIMEOUT = 120
 _TRANSIENT_RETRY_DELAY = 2
 _MAX_DEQUEUES = 5
+_UNREADABLE_BLOB = "the blob could not be read after retries"
 
 #: Kusto's ``ReportLevel`` and ``ReportMethod`` values (azure-kusto-ingest's enums).
 _REPORT_FAILURES, _REPORT_NOTHING, _REPORT_ALL = 0, 1, 2
@@ -2170,7 +2232,12 @@ class IngestionFailure(NamedTuple):
 
 
 class _Retry(Exception):
-    """A queued blob that may ingest later (storage unreachable): leave its message."""
+    """A queued blob that may ingest later (storage unreachable, the engine failing for a
+    while): leave its message. Carries what to report if it never ingests."""
+
+    def __init__(self, details: str, code: str) -> None:
+        super().__init__(details)
+        self.code = code
 
 
 class DataManagement:
@@ -2307,11 +2374,17 @@ class DataManagement:
         try:
             request = _ingestion_request(message.content)
             self._ingest(request)
-        except _Retry:
+        except _Retry as exc:
             if message.dequeue_count < _MAX_DEQUEUES:
-                self._ready.update_message(message, visibility_timeout=_TRANSIENT_RETRY_DELAY)
+                # By id, not the message: given one, the SDK re-sends its content, decoded
+                # and without base64, and storage refuses the update.
+                self._ready.update_message(
+                    message.id,
+                    pop_receipt=message.pop_receipt,
+                    visibility_timeout=_TRANSIENT_RETRY_DELAY,
+                )
                 return
-            self._fail(request, "the blob could not be read after retries", "Download_Failed")
+            self._fail(request, str(exc), exc.code)
         except IngestError as exc:
             self._fail(request, str(exc), exc.code)
         except Exception as exc:  # the engine refused the rows
@@ -2339,15 +2412,22 @@ class DataManagement:
                 f"{self._server.database!r}",
                 code="BadRequest_EntityNotFound",
             )
-        self._server.ingest(
-            request["table"],
-            str(properties.get("format") or "csv"),
-            _decode_body(self._download(request["blob"]), None),
-            mapping_name=properties.get("ingestionMappingReference"),
-            tags=_string_list(properties.get("tags"), "tags"),
-            if_not_exists=_string_list(properties.get("ingestIfNotExists"), "ingestIfNotExists"),
-            ignore_first_record=str(properties.get("ignoreFirstRecord")).lower() == "true",
-        )
+        data = _decode_body(self._download(request["blob"]), None)
+        try:
+            self._server.ingest(
+                request["table"],
+                str(properties.get("format") or "csv"),
+                data,
+                mapping_name=properties.get("ingestionMappingReference"),
+                tags=_string_list(properties.get("tags"), "tags"),
+                if_not_exists=_string_list(
+                    properties.get("ingestIfNotExists"), "ingestIfNotExists"
+                ),
+                ignore_first_record=str(properties.get("ignoreFirstRecord")).lower() == "true",
+            )
+        except _TRANSIENT_ENGINE_ERRORS as exc:
+            # Kusto's data-management service retries its own failures, as for storage.
+            raise _Retry(f"the engine kept failing: {exc}", "General_InternalServerError") from exc
 
     def _download(self, url: str) -> bytes:
         from azure.core.exceptions import (
@@ -2373,9 +2453,9 @@ class DataManagement:
                 raise IngestError(
                     f"blob {_without_sas(url)}: {exc.message}", code="Download_BadRequest"
                 ) from None
-            raise _Retry(str(exc)) from exc
+            raise _Retry(_UNREADABLE_BLOB, "Download_Failed") from exc
         except Exception as exc:  # connection refused, timeouts: storage may come back
-            raise _Retry(str(exc)) from exc
+            raise _Retry(_UNREADABLE_BLOB, "Download_Failed") from exc
 
     def _fail(self, request: Mapping[str, Any], details: str, code: str) -> None:
         failure = IngestionFailure(

@@ -24,6 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pytest
 import requests
 from azure.kusto.data import ClientRequestProperties, KustoClient, KustoConnectionStringBuilder
@@ -33,11 +34,16 @@ from azure.kusto.ingest import (
     IngestionProperties,
     KustoStreamingIngestClient,
     ManagedStreamingIngestClient,
+    QueuedIngestClient,
+    StreamDescriptor,
 )
 from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor
+from langgraph.checkpoint.kusto.ingestor_worker.retry import classify
 from langgraph.checkpoint.kusto.kusto import AsyncKustoQueries, KustoQueries
+from langgraph.checkpoint.kusto.local import kusto_server
 from langgraph.checkpoint.kusto.local.kusto_server import (
     LocalKustoServer,
+    start_azurite,
     start_local_kusto,
 )
 from langgraph.checkpoint.kusto.queries import (
@@ -92,6 +98,10 @@ def query(client: KustoClient, text: str, **parameters: str) -> list[dict[str, A
 
 def api_error(exc: pytest.ExceptionInfo[KustoApiError]) -> Any:
     return exc.value.get_api_error()
+
+
+def http_status(exc: pytest.ExceptionInfo[KustoApiError]) -> int:
+    return int(exc.value.get_raw_http_response().status_code)
 
 
 EVENTS = (
@@ -484,6 +494,105 @@ def test_streaming_requests_over_4mb_are_refused(
     )
     assert response.status_code == 413
     assert response.json()["error"]["@permanent"] is True
+
+
+DISK_FULL = 'IO Error: Could not write file "langgraph.duckdb.wal": No space left on device'
+
+
+def fail_the_next_insert(monkeypatch: pytest.MonkeyPatch, error: duckdb.Error) -> None:
+    """The engine raises *error* on the next ingestion's INSERT, inside its transaction."""
+    real_insert = kusto_server._insert_rows
+    pending = [error]
+
+    def insert(*args: Any) -> None:
+        if pending:
+            raise pending.pop()
+        real_insert(*args)
+
+    monkeypatch.setattr(kusto_server, "_insert_rows", insert)
+
+
+def test_an_engine_failure_during_ingestion_is_transient_and_bad_data_stays_permanent(
+    client: KustoClient, kcsb: KustoConnectionStringBuilder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk is the service's failure, not the data's: Kusto answers 5xx with
+    "@permanent": false and the ingestor retries. Answered as a permanent 400, the
+    ingestor bisected the batch and dead-lettered every good event at once."""
+    mgmt(client, ".create table T (Id:string, Amount:decimal)")
+    fail_the_next_insert(monkeypatch, duckdb.IOException(DISK_FULL))
+    with pytest.raises(KustoApiError) as disk_full:
+        ingest(kcsb, "T", multijson({"Id": "a", "Amount": "1.5"}))
+    assert http_status(disk_full) == 500
+    assert api_error(disk_full).permanent is False
+    assert "No space left on device" in api_error(disk_full).description
+    assert classify(disk_full.value).transient
+    assert query(client, "T | count") == [{"Count": 0}]
+
+    ingest(kcsb, "T", multijson({"Id": "a", "Amount": "1.5"}))  # the retry
+    assert query(client, "T | count") == [{"Count": 1}]
+
+    # A value DuckDB cannot convert (decimal out of range) is the data's fault: permanent.
+    with pytest.raises(KustoApiError) as out_of_range:
+        ingest(kcsb, "T", multijson({"Id": "b", "Amount": "1e30"}))
+    assert http_status(out_of_range) == 400
+    assert api_error(out_of_range).permanent is True
+    assert "Conversion Error" in api_error(out_of_range).description
+    assert not classify(out_of_range.value).transient
+
+
+def test_an_engine_failure_in_a_query_or_command_is_transient_and_bad_kql_stays_permanent(
+    server: LocalKustoServer, client: KustoClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same rule for queries and management commands: the engine failing is worth a
+    retry, a query that names a column the table does not have is not."""
+    mgmt(client, ".create table T (Id:string, Amount:long)")
+
+    def failing_read(*args: Any) -> Any:
+        raise duckdb.IOException("IO Error: Could not read from file: Input/output error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(server.rest_server, "_query", failing_read)
+        with pytest.raises(KustoApiError) as failed_read:
+            query(client, "T | count")
+    assert http_status(failed_read) == 500
+    assert api_error(failed_read).permanent is False
+
+    fail_the_next_insert(monkeypatch, duckdb.IOException(DISK_FULL))
+    with pytest.raises(KustoApiError) as failed_command:
+        mgmt(client, ".ingest inline into table T <| a,1")
+    assert http_status(failed_command) == 500
+    assert api_error(failed_command).permanent is False
+    mgmt(client, ".ingest inline into table T <| a,1")  # the retry
+    assert query(client, "T | count") == [{"Count": 1}]
+
+    with pytest.raises(KustoApiError) as bad_kql:
+        query(client, "T | where NoSuchColumn == 1")
+    assert http_status(bad_kql) == 400
+    assert api_error(bad_kql).permanent is True
+    assert "NoSuchColumn" in api_error(bad_kql).description
+
+
+def test_a_queued_blob_the_engine_fails_on_is_retried_not_reported_failed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kusto's data-management service retries its own failures; it reports a blob
+    failed only for what the blob holds."""
+    try:
+        azurite = start_azurite()
+    except FileNotFoundError as exc:  # a failure that says how to install it, never a skip
+        pytest.fail(str(exc), pytrace=False)
+    with azurite, LocalKustoServer(None, storage=azurite.connection_string) as local:
+        kcsb = KustoConnectionStringBuilder.with_no_authentication(local.url)
+        with KustoClient(kcsb) as client, QueuedIngestClient(kcsb) as queued:
+            mgmt(client, ".create table T (Id:string)")
+            fail_the_next_insert(monkeypatch, duckdb.IOException(DISK_FULL))
+            queued.ingest_from_stream(
+                StreamDescriptor(multijson({"Id": "a"})),
+                IngestionProperties(DB, "T", data_format=DataFormat.MULTIJSON),
+            )
+            local.wait_for_queued_ingestion()
+            assert query(client, "T") == [{"Id": "a"}]
+            assert mgmt(client, ".show ingestion failures") == []
 
 
 # ---------------------------------------------------------------------------
