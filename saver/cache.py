@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from langgraph.checkpoint.kusto.shared.assembly import (
     CheckpointKey,
@@ -42,7 +42,12 @@ BLOB_OVERHEAD_BYTES = 400
 PENDING_EVENT_BYTES = 1_100
 """What the cache remembers of one unconfirmed event: its id and sequence and, once its
 entry is evicted, the awaited key and the index back to it. Measured on CPython 3.11:
-~1,090 bytes for an event of an evicted entry (10,000 threads)."""
+~1,090 bytes for an event of an evicted entry (10,000 threads); ~400 for a thread
+delete, ~500 for a run delete of one run, ~920 for a prune keeping one checkpoint."""
+RECORD_ITEM_BYTES = 300
+"""Each run id of an unconfirmed run delete, and each checkpoint an unconfirmed prune
+keeps, beyond the first (``PENDING_EVENT_BYTES`` covers one). Measured on CPython 3.11:
+~190 bytes a run id, ~280 a kept checkpoint (with its own namespace string)."""
 
 _WriteSlots = dict[tuple[str, int], StoredWrite]
 Snapshot = tuple[str, bytes]
@@ -64,6 +69,42 @@ class _Orphans:
     slots: _WriteSlots = field(default_factory=dict)
     size: int = BLOB_OVERHEAD_BYTES
     used: int = 0
+
+
+@dataclass(slots=True)
+class _Records(Generic[_R]):
+    """This process's deletes (or prunes) of one kind, by thread or run id.
+
+    A put published before one but applied after it stays hidden, and so do the rows it
+    hides that Kusto returns before ingesting it. So a record stays while Kusto has not
+    confirmed its event (the byte bound covers those); of the confirmed ones, the newest
+    ``limit`` stay, for puts that Kusto ingests late."""
+
+    limit: int
+    by_key: dict[str, tuple[str, _R]] = field(default_factory=dict)
+    """key -> (event id, record) of the latest delete or prune of it."""
+    unconfirmed: dict[str, list[str]] = field(default_factory=dict)
+    """event id -> the keys it recorded, until Kusto confirms it."""
+    confirmed: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    """Keys whose latest record Kusto has, oldest confirmation first: the first let go."""
+
+    def get(self, key: str) -> _R | None:
+        held = self.by_key.get(key)
+        return None if held is None else held[1]
+
+    def add(self, key: str, record: _R, event_id: str) -> None:
+        self.by_key[key] = (event_id, record)
+        self.confirmed.pop(key, None)
+        self.unconfirmed.setdefault(event_id, []).append(key)
+
+    def confirm(self, event_id: str) -> None:
+        """Kusto has ``event_id``: its records go once ``limit`` are confirmed after them."""
+        for key in self.unconfirmed.pop(event_id, ()):
+            held = self.by_key.get(key)
+            if held is not None and held[0] == event_id:  # not replaced by a later one
+                self.confirmed[key] = None
+        while len(self.confirmed) > self.limit:
+            del self.by_key[self.confirmed.popitem(last=False)[0]]
 
 
 @dataclass(slots=True)
@@ -107,15 +148,18 @@ class ReadCache:
         """event id -> the awaited keys and orphan writes that wait on it, so confirming
         costs O(events confirmed), not O(keys awaited): with the worker 60k events behind,
         a confirm round held the lock for 257 ms."""
-        self._deleted: OrderedDict[str, int] = OrderedDict()
-        """thread -> seq of this process's latest delete of it (the newest max_entries)."""
-        self._deleted_runs: OrderedDict[str, int] = OrderedDict()
-        self._pruned: OrderedDict[str, tuple[int, frozenset[tuple[str, str]]]] = OrderedDict()
-        self._hiding: dict[str, tuple[str | None, float]] = {}
+        self._deleted: _Records[int] = _Records(max_entries)
+        """thread -> seq of this process's latest delete of it."""
+        self._deleted_runs: _Records[int] = _Records(max_entries)
+        self._pruned: _Records[tuple[int, frozenset[tuple[str, str]]]] = _Records(max_entries)
+        self._hiding: dict[str, tuple[str | None, float, int]] = {}
         """Unconfirmed run deletes (scope None: any thread) and prunes (scope: their
-        thread), with when they were made. Unlike a thread delete, they hide rows *between*
-        visible ones, so Kusto's ``top`` must apply them: reads of their scope wait until
-        Kusto holds them."""
+        thread), with when they were made and the bytes charged for their records beyond
+        ``PENDING_EVENT_BYTES``. Unlike a thread delete, they hide rows *between* visible
+        ones, so Kusto's ``top`` must apply them: reads of their scope wait until Kusto
+        holds them."""
+        self._record_bytes = 0
+        """The bytes charged in ``_hiding``: like pending events, they cannot be evicted."""
         self._dead_lettered: dict[str, str] = {}
         """Unconfirmed events the ingestor dead-lettered: event id -> reason. They stay
         pending (reads of what they wrote cannot be answered) until replayed."""
@@ -233,7 +277,7 @@ class ReadCache:
                 self._bytes -= self._orphan_writes.pop(key).size
             self._awaited.pop(thread_id, None)
             self._add_pending(event_id, seq)
-            self._record(self._deleted, thread_id, seq)
+            self._deleted.add(thread_id, seq, event_id)
             self._evict()
 
     def delete_runs(self, run_ids: Iterable[str], event_id: str, seq: int) -> None:
@@ -245,9 +289,9 @@ class ReadCache:
                 if entry.checkpoint.metadata.get("run_id") in runs
             )
             self._add_pending(event_id, seq)
-            self._hiding[event_id] = (None, time.monotonic())
+            self._hide_until_confirmed(event_id, None, len(runs))
             for run_id in runs:
-                self._record(self._deleted_runs, run_id, seq)
+                self._deleted_runs.add(run_id, seq, event_id)
             self._evict()
 
     def prune(
@@ -267,8 +311,8 @@ class ReadCache:
                     entry.checkpoint = replace(entry.checkpoint, parent_checkpoint_id="")
                     self._drop_snapshot(entry)
             self._add_pending(event_id, seq)
-            self._hiding[event_id] = (thread_id, time.monotonic())
-            self._record(self._pruned, thread_id, (seq, survivors))
+            self._hide_until_confirmed(event_id, thread_id, len(survivors))
+            self._pruned.add(thread_id, (seq, survivors), event_id)
             self._evict()
 
     # -- reads --------------------------------------------------------------
@@ -344,7 +388,7 @@ class ReadCache:
                     found.update((e, self._pending[e]) for e in event_ids if e in self._pending)
             found.update(
                 (event_id, self._pending[event_id])
-                for event_id, (scope, made) in self._hiding.items()
+                for event_id, (scope, made, _) in self._hiding.items()
                 if made >= hides_since
                 and (scope is None or thread_id is None or scope == thread_id)
             )
@@ -368,7 +412,13 @@ class ReadCache:
                     continue
                 self._bytes -= PENDING_EVENT_BYTES
                 self._dead_lettered.pop(event_id, None)
-                self._hiding.pop(event_id, None)
+                hidden = self._hiding.pop(event_id, None)
+                if hidden is not None:
+                    self._record_bytes -= hidden[2]
+                    self._bytes -= hidden[2]
+                self._deleted.confirm(event_id)
+                self._deleted_runs.confirm(event_id)
+                self._pruned.confirm(event_id)
                 for key in self._waiting_on.pop(event_id, ()):
                     by_checkpoint = self._awaited.get(key[0], {})
                     waiting = by_checkpoint.get((key[1], key[2]))
@@ -405,7 +455,8 @@ class ReadCache:
         unconfirmed. Each reserved event is then remembered, or ``release``d."""
         with self._lock:
             unconfirmed = len(self._pending) + self._reserved
-            if unconfirmed and (unconfirmed + events) * PENDING_EVENT_BYTES > self.max_bytes:
+            unevictable = unconfirmed * PENDING_EVENT_BYTES + self._record_bytes
+            if unconfirmed and unevictable + events * PENDING_EVENT_BYTES > self.max_bytes:
                 return False
             self._reserved += events
             self._bytes += events * PENDING_EVENT_BYTES
@@ -423,10 +474,10 @@ class ReadCache:
 
     def _hides(self, checkpoint: StoredCheckpoint) -> bool:
         seq = checkpoint.checkpoint.seq
-        if seq < self._deleted.get(checkpoint.thread_id, 0):
+        if seq < (self._deleted.get(checkpoint.thread_id) or 0):
             return True
         run_id = checkpoint.metadata.get("run_id")
-        if run_id is not None and seq < self._deleted_runs.get(str(run_id), 0):
+        if run_id is not None and seq < (self._deleted_runs.get(str(run_id)) or 0):
             return True
         pruned = self._pruned.get(checkpoint.thread_id)
         return pruned is not None and self._prunes(checkpoint, pruned[0], pruned[1])
@@ -482,13 +533,13 @@ class ReadCache:
                 self._bytes += PENDING_EVENT_BYTES
         self._pending[event_id] = seq
 
-    def _record(self, records: OrderedDict[str, _R], key: str, record: _R) -> None:
-        """Remember a delete or prune (the newest ``max_entries`` of each kind): a put this
-        process made before it but applies after it stays hidden, as in Kusto."""
-        records[key] = record
-        records.move_to_end(key)
-        while len(records) > self.max_entries:
-            records.popitem(last=False)
+    def _hide_until_confirmed(self, event_id: str, scope: str | None, records: int) -> None:
+        """Note a run delete (of ``records`` runs) or prune (keeping ``records`` checkpoints)
+        in ``_hiding``, charging its records until Kusto confirms it."""
+        charged = max(records - 1, 0) * RECORD_ITEM_BYTES
+        self._hiding[event_id] = (scope, time.monotonic(), charged)
+        self._record_bytes += charged
+        self._bytes += charged
 
     def _drop_orphans(self, key: CheckpointKey) -> None:
         self._bytes -= self._orphan_writes.pop(key).size

@@ -18,6 +18,7 @@ from langgraph.checkpoint.kusto.cache import (
     BLOB_OVERHEAD_BYTES,
     ENTRY_OVERHEAD_BYTES,
     PENDING_EVENT_BYTES,
+    RECORD_ITEM_BYTES,
     ReadCache,
 )
 from langgraph.checkpoint.kusto.outbox import open_queue
@@ -551,3 +552,62 @@ async def test_a_write_whose_caller_was_cancelled_is_still_read_back(
                 break
             await asyncio.sleep(0.01)
         assert found.checkpoint["id"] == second["id"]
+
+
+def _kusto_row(thread: str, checkpoint_id: str, seq: int, run_id: str = "") -> StoredCheckpoint:
+    """A checkpoint as read back from Kusto, written at ``seq``."""
+    row = _stored(thread, checkpoint_id)
+    row.checkpoint = StoredValue("kusto", seq, "bytes", b"c")
+    row.metadata = {"run_id": run_id} if run_id else {}
+    return row
+
+
+def _delete_and_prune(cache: ReadCache, count: int) -> None:
+    """``count`` thread deletes, run deletes and prunes, none of them confirmed yet."""
+    for n in range(count):
+        cache.delete_thread(f"t{n}", f"delete-t{n}", 100 + n)
+        cache.delete_runs([f"run{n}"], f"delete-run{n}", 100 + n)
+        cache.prune(f"p{n}", [("", "kept")], f"prune-p{n}", 100 + n)
+
+
+def test_unconfirmed_deletes_past_the_entry_bound_still_hide_kustos_rows() -> None:
+    """With the ingestor behind, Kusto still returns what this process deleted or pruned:
+    every delete and prune it has not confirmed must keep hiding those rows, however many
+    there are (forgetting the oldest made deleted threads readable again)."""
+    cache = ReadCache(max_entries=3)
+    _delete_and_prune(cache, 5)
+    for n in range(5):
+        assert cache.hides(_kusto_row(f"t{n}", "c", seq=1)), f"t{n}"
+        assert cache.hides(_kusto_row("any", "c", seq=1, run_id=f"run{n}")), f"run{n}"
+        assert cache.hides(_kusto_row(f"p{n}", "old", seq=1)), f"p{n}"
+
+
+def test_confirmed_deletes_are_let_go_past_the_entry_bound() -> None:
+    cache = ReadCache(max_entries=3)
+    _delete_and_prune(cache, 5)
+    events = {n: [f"delete-t{n}", f"delete-run{n}", f"prune-p{n}"] for n in range(5)}
+    cache.confirm(e for n in range(1, 5) for e in events[n])
+    # The newest three confirmed stay, and so do the unconfirmed; Kusto applies the rest.
+    assert not cache.hides(_kusto_row("t1", "c", seq=1))
+    assert not cache.hides(_kusto_row("any", "c", seq=1, run_id="run1"))
+    assert not cache.hides(_kusto_row("p1", "old", seq=1))
+    for n in (0, 2, 3, 4):
+        assert cache.hides(_kusto_row(f"t{n}", "c", seq=1))
+    cache.confirm(events[0])  # confirmed last, so kept over the oldest other
+    assert not cache.hides(_kusto_row("t2", "c", seq=1))
+    assert cache.hides(_kusto_row("t0", "c", seq=1))
+    for records in (cache._deleted, cache._deleted_runs, cache._pruned):
+        assert len(records.by_key) == 3 and not records.unconfirmed
+    assert cache.size_bytes == 0
+
+
+def test_unconfirmed_run_deletes_and_prunes_of_many_count_against_the_bound() -> None:
+    cache = ReadCache(max_bytes=10 * PENDING_EVENT_BYTES)
+    cache.delete_runs([f"run{n}" for n in range(10)], "delete", 10)
+    cache.prune("t", [(f"ns{n}", "kept") for n in range(10)], "prune", 11)
+    assert cache.size_bytes == 2 * (PENDING_EVENT_BYTES + 9 * RECORD_ITEM_BYTES)
+    # Two events, but their records take the room of almost seven: four more do not fit.
+    assert not cache.reserve(4)
+    cache.confirm(["delete", "prune"])
+    assert cache.size_bytes == 0
+    assert cache.reserve(4)
