@@ -34,13 +34,15 @@ from .base import (
     Consistency,
     EventDeadLetteredError,
     IngestionTimeoutError,
+    IngestionWait,
     namespace_of,
     one_namespace,
     prune_targets,
+    query_time_left,
     refuse_event_loop_thread,
     string_ids,
 )
-from .kusto import KustoQueries
+from .kusto import DEFAULT_QUERY_TIMEOUT, KustoQueries
 from .queries import Query, channel_history
 from .schema import SHOW_SCHEMA, apply_provision, schema_error, verify_schema
 from .settings import resolve
@@ -81,16 +83,20 @@ class KustoSaver(BaseKustoSaver):
         consistency: Consistency | str = Consistency.SESSION,
         credential: Any | None = None,
         serde: SerializerProtocol | None = None,
+        query_timeout: float = DEFAULT_QUERY_TIMEOUT,
         **options: Any,
     ) -> Iterator[KustoSaver]:
         """A saver with its queue and Kusto connections, closed on exit.
 
         Unset arguments come from ``LANGGRAPH_KUSTO_QUEUE`` / ``_CLUSTER`` / ``_DATABASE``,
-        then the local defaults (``langgraph-kusto local up``).
+        then the local defaults (``langgraph-kusto local up``). Each Kusto query is given
+        up after ``query_timeout`` seconds (``KustoNetworkError``).
         """
         settings = resolve(queue, cluster, database)
+        queries = KustoQueries(
+            settings.cluster, settings.database, credential, query_timeout=query_timeout
+        )
         outbox = open_sender(settings.queue)
-        queries = KustoQueries(settings.cluster, settings.database, credential)
         try:
             yield cls(outbox, queries, consistency=consistency, serde=serde, **options)
         finally:
@@ -165,8 +171,7 @@ class KustoSaver(BaseKustoSaver):
             return {}
         scope = namespace_of(config)  # the walk may reach any checkpoint of it
         cached_scope = self._cached_scope(scope)
-        if awaited := self._awaited(scope, single=True):
-            self._wait_ingested(awaited)
+        self._wait_ingested(self._read_wait(scope, single=True))
         rows = self.queries.run(channel_history(**scope["configurable"], channels=channels))
         return self._history(assemble_channel_history(rows), cached_scope, config, channels)
 
@@ -179,8 +184,7 @@ class KustoSaver(BaseKustoSaver):
             return cached
         config = one_namespace(config)
         cached_scope = self._cached_scope(config)
-        if awaited := self._awaited(config, single=True):
-            self._wait_ingested(awaited)
+        self._wait_ingested(self._read_wait(config, single=True))
         found = self._merge(
             self._select(self._tuple_query(config)), cached_scope, config, None, None, 1
         )
@@ -212,8 +216,7 @@ class KustoSaver(BaseKustoSaver):
         limit: int | None = None,
     ) -> builtins.list[StoredCheckpoint]:
         cached_scope = self._cached_scope(config)
-        if awaited := self._awaited(config, single=False):
-            self._wait_ingested(awaited)
+        self._wait_ingested(self._read_wait(config, single=False))
         query = self._list_query(config, filter, before, limit)
         return self._merge(self._select(query), cached_scope, config, filter, before, limit)
 
@@ -228,23 +231,26 @@ class KustoSaver(BaseKustoSaver):
             self._release(reserved)
             raise
         if self.consistency is Consistency.STRONG:
-            self._wait_ingested({event.event_id: event.seq for event in events})
+            self._wait_ingested(self._write_wait(events))
         for event in events:
             self._remember(event)
         if self._confirmation_due():
             self._confirm_for_room()
 
-    def _confirm(self, events: Mapping[str, int]) -> tuple[set[str], dict[str, str]]:
+    def _confirm(
+        self, events: Mapping[str, int], within: float | None = None
+    ) -> tuple[set[str], dict[str, str]]:
         """Which of ``events`` (id -> seq) Kusto holds, and which of this saver's events
-        the ingestor dead-lettered (id -> reason)."""
-        return self._settle(self.queries.run(self._ingested_query(events)))
+        the ingestor dead-lettered (id -> reason); asked within ``within`` seconds."""
+        return self._settle(self.queries.run(self._ingested_query(events), within))
 
-    def _confirm_for_room(self) -> None:
-        """One confirmation round to free the cache's room; Kusto's errors are logged."""
+    def _confirm_for_room(self, within: float | None = None) -> None:
+        """One confirmation round to free the cache's room, given up after ``within``
+        seconds; Kusto's errors are logged."""
         assert self.cache is not None
         if pending := self.cache.pending_events():
             try:
-                self._confirm(pending)
+                self._confirm(pending, within)
             except Exception as error:
                 self._confirmation_failed(error)
 
@@ -264,38 +270,37 @@ class KustoSaver(BaseKustoSaver):
         delay = POLL_START
         while True:
             if self._room_poll_due():
-                self._confirm_for_room()
+                self._confirm_for_room(query_time_left(deadline))
             if cache.reserve(events):
                 return events
             if time.monotonic() > deadline:
-                raise self._ingestion_timeout(cache.pending_count(), refused=True)
+                raise self._refused_for_room(cache.pending_count())
             time.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
 
-    def _wait_ingested(self, events: dict[str, int], timeout: float | None = None) -> None:
-        """Poll Kusto until it holds ``events`` (event id -> seq), backing off."""
-        remaining = dict(events)
-        deadline = time.monotonic() + (self.strong_timeout if timeout is None else timeout)
+    def _wait_ingested(self, wait: IngestionWait) -> None:
+        """Poll Kusto until it holds what ``wait`` awaits, backing off."""
         delay = POLL_START
-        while remaining:
-            ingested, dead = self._confirm(remaining)
-            for event_id in ingested:
-                remaining.pop(event_id, None)
-            if not remaining:
+        while awaited := wait.outstanding():
+            try:
+                answer = self._confirm(awaited, wait.poll_timeout())
+            except Exception as error:
+                if not wait.retries(error):
+                    raise
+            else:
+                wait.answered(*answer)
+            if (pause := wait.next_pause(delay)) is None:
                 return
-            if lost := {e: reason for e, reason in dead.items() if e in remaining}:
-                raise self._dead_lettered(lost)
-            if time.monotonic() > deadline:
-                raise self._ingestion_timeout(len(remaining))
-            time.sleep(delay)
+            time.sleep(pause)
             delay = min(delay * 2, POLL_MAX)
 
     def wait_for_ingestion(self, timeout: float | None = None) -> None:
         """Wait until every event this saver published is queryable in Kusto.
 
         For handing a thread to another process, or before analysing it with KQL. Raises
-        ``IngestionTimeoutError`` after ``timeout`` seconds (default ``strong_timeout``), or
-        at once ``EventDeadLetteredError`` if the ingestor dead-lettered one of them.
+        ``IngestionTimeoutError`` after ``timeout`` seconds (default ``strong_timeout``;
+        Kusto not answering is asked again until then), or at once
+        ``EventDeadLetteredError`` if the ingestor dead-lettered one of them.
         ``strong`` savers are always caught up; ``eventual`` savers track nothing.
         """
         refuse_event_loop_thread()
@@ -306,4 +311,4 @@ class KustoSaver(BaseKustoSaver):
                 "wait_for_ingestion needs consistency='session' (or 'strong'); "
                 "an 'eventual' saver does not track what it published"
             )
-        self._wait_ingested(self.cache.pending_events(), timeout)
+        self._wait_ingested(self._pending_wait(timeout))

@@ -28,12 +28,14 @@ from .base import (
     POLL_START,
     BaseKustoSaver,
     Consistency,
+    IngestionWait,
     namespace_of,
     one_namespace,
     prune_targets,
+    query_time_left,
     string_ids,
 )
-from .kusto import AsyncKustoQueries
+from .kusto import DEFAULT_QUERY_TIMEOUT, AsyncKustoQueries
 from .queries import Query, channel_history
 from .schema import SHOW_SCHEMA, provision_commands, schema_error, verify_schema
 from .settings import resolve
@@ -74,16 +76,20 @@ class AsyncKustoSaver(BaseKustoSaver):
         consistency: Consistency | str = Consistency.SESSION,
         credential: Any | None = None,
         serde: SerializerProtocol | None = None,
+        query_timeout: float = DEFAULT_QUERY_TIMEOUT,
         **options: Any,
     ) -> AsyncIterator[AsyncKustoSaver]:
         """A saver with its queue and Kusto connections, closed on exit.
 
         Unset arguments come from ``LANGGRAPH_KUSTO_QUEUE`` / ``_CLUSTER`` / ``_DATABASE``,
-        then the local defaults (``langgraph-kusto local up``).
+        then the local defaults (``langgraph-kusto local up``). Each Kusto query is given
+        up after ``query_timeout`` seconds (``KustoNetworkError``).
         """
         settings = resolve(queue, cluster, database)
+        queries = AsyncKustoQueries(
+            settings.cluster, settings.database, credential, query_timeout=query_timeout
+        )
         outbox = open_async_sender(settings.queue)
-        queries = AsyncKustoQueries(settings.cluster, settings.database, credential)
         saver = None
         try:
             saver = cls(outbox, queries, consistency=consistency, serde=serde, **options)
@@ -156,8 +162,7 @@ class AsyncKustoSaver(BaseKustoSaver):
             return {}
         scope = namespace_of(config)  # the walk may reach any checkpoint of it
         cached_scope = self._cached_scope(scope)
-        if awaited := self._awaited(scope, single=True):
-            await self._wait_ingested(awaited)
+        await self._wait_ingested(self._read_wait(scope, single=True))
         rows = await self.queries.run(channel_history(**scope["configurable"], channels=channels))
         return self._history(assemble_channel_history(rows), cached_scope, config, channels)
 
@@ -169,8 +174,7 @@ class AsyncKustoSaver(BaseKustoSaver):
             return cached
         config = one_namespace(config)
         cached_scope = self._cached_scope(config)
-        if awaited := self._awaited(config, single=True):
-            await self._wait_ingested(awaited)
+        await self._wait_ingested(self._read_wait(config, single=True))
         found = self._merge(
             await self._select(self._tuple_query(config)), cached_scope, config, None, None, 1
         )
@@ -270,8 +274,7 @@ class AsyncKustoSaver(BaseKustoSaver):
         limit: int | None = None,
     ) -> builtins.list[StoredCheckpoint]:
         cached_scope = self._cached_scope(config)
-        if awaited := self._awaited(config, single=False):
-            await self._wait_ingested(awaited)
+        await self._wait_ingested(self._read_wait(config, single=False))
         query = self._list_query(config, filter, before, limit)
         return self._merge(await self._select(query), cached_scope, config, filter, before, limit)
 
@@ -294,7 +297,7 @@ class AsyncKustoSaver(BaseKustoSaver):
             self._release(reserved)
             raise
         if self.consistency is Consistency.STRONG:
-            await self._wait_ingested({event.event_id: event.seq for event in events})
+            await self._wait_ingested(self._write_wait(events))
         for event in events:
             self._remember(event)
         if self._confirmation_due() and self._confirming is None:
@@ -317,12 +320,14 @@ class AsyncKustoSaver(BaseKustoSaver):
         the ingestor dead-lettered (id -> reason)."""
         return self._settle(await self.queries.run(self._ingested_query(events)))
 
-    async def _confirm_for_room(self) -> None:
-        """One confirmation round to free the cache's room; Kusto's errors are logged."""
+    async def _confirm_for_room(self, within: float | None = None) -> None:
+        """One confirmation round to free the cache's room, given up after ``within``
+        seconds; Kusto's errors are logged."""
         assert self.cache is not None
         if pending := self.cache.pending_events():
             try:
-                await self._confirm(pending)
+                async with asyncio.timeout(within):
+                    await self._confirm(pending)
             except Exception as error:
                 self._confirmation_failed(error)
 
@@ -345,38 +350,40 @@ class AsyncKustoSaver(BaseKustoSaver):
         delay = POLL_START
         while True:
             if self._room_poll_due():
-                await self._confirm_for_room()
+                await self._confirm_for_room(query_time_left(deadline))
             if cache.reserve(events):
                 return events
             if time.monotonic() > deadline:
-                raise self._ingestion_timeout(cache.pending_count(), refused=True)
+                raise self._refused_for_room(cache.pending_count())
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
 
-    async def _wait_ingested(self, events: dict[str, int], timeout: float | None = None) -> None:
-        """Poll Kusto until it holds ``events`` (event id -> seq), backing off."""
-        remaining = dict(events)
-        deadline = time.monotonic() + (self.strong_timeout if timeout is None else timeout)
+    async def _wait_ingested(self, wait: IngestionWait) -> None:
+        """Poll Kusto until it holds what ``wait`` awaits, backing off."""
         delay = POLL_START
-        while remaining:
-            ingested, dead = await self._confirm(remaining)
-            for event_id in ingested:
-                remaining.pop(event_id, None)
-            if not remaining:
+        while awaited := wait.outstanding():
+            try:
+                # An await can be given up at any moment: no need to hand the bound to the
+                # request, as the sync saver must.
+                async with asyncio.timeout(wait.poll_timeout()):
+                    answer = await self._confirm(awaited)
+            except Exception as error:
+                if not wait.retries(error):
+                    raise
+            else:
+                wait.answered(*answer)
+            if (pause := wait.next_pause(delay)) is None:
                 return
-            if lost := {e: reason for e, reason in dead.items() if e in remaining}:
-                raise self._dead_lettered(lost)
-            if time.monotonic() > deadline:
-                raise self._ingestion_timeout(len(remaining))
-            await asyncio.sleep(delay)
+            await asyncio.sleep(pause)
             delay = min(delay * 2, POLL_MAX)
 
     async def wait_for_ingestion(self, timeout: float | None = None) -> None:
         """Wait until every event this saver published is queryable in Kusto.
 
         For handing a thread to another process, or before analysing it with KQL. Raises
-        ``IngestionTimeoutError`` after ``timeout`` seconds (default ``strong_timeout``), or
-        at once ``EventDeadLetteredError`` if the ingestor dead-lettered one of them.
+        ``IngestionTimeoutError`` after ``timeout`` seconds (default ``strong_timeout``;
+        Kusto not answering is asked again until then), or at once
+        ``EventDeadLetteredError`` if the ingestor dead-lettered one of them.
         ``strong`` savers are always caught up; ``eventual`` savers track nothing.
         """
         if self.cache is None:
@@ -386,4 +393,4 @@ class AsyncKustoSaver(BaseKustoSaver):
                 "wait_for_ingestion needs consistency='session' (or 'strong'); "
                 "an 'eventual' saver does not track what it published"
             )
-        await self._wait_ingested(self.cache.pending_events(), timeout)
+        await self._wait_ingested(self._pending_wait(timeout))

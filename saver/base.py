@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -42,6 +42,7 @@ from langgraph.checkpoint.kusto.shared.rows import StoredValue, metadata_pairs
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .cache import ReadCache, Snapshot
+from .kusto import MIN_QUERY_TIMEOUT, is_transient
 from .queries import Query, ingested_events, select_checkpoints
 
 
@@ -87,6 +88,114 @@ class EventDeadLetteredError(IngestionTimeoutError):
     def __init__(self, message: str, reasons: Mapping[str, str]) -> None:
         super().__init__(message)
         self.reasons = dict(reasons)
+
+
+class IngestionWait:
+    """One wait for Kusto to hold events this process published, without the I/O: each
+    saver's ``_wait_ingested`` polls Kusto and reports here.
+
+    Kusto not answering (unreachable, hung, throttling, server errors) is asked again,
+    backing off, until the deadline; each query is bounded by the time left. A query Kusto
+    refuses (a bad query, a missing table) raises at once. Past the deadline the wait
+    raises ``IngestionTimeoutError``, chained from Kusto's last error if the last poll
+    failed; the events are still queued."""
+
+    def __init__(
+        self,
+        timeout: float,
+        awaited: Callable[[], Mapping[str, int]],
+        *,
+        write_sent: bool = False,
+    ) -> None:
+        """``awaited`` says what to wait for (event id -> seq); it is asked every round, so
+        what it stops naming is no longer waited for. ``write_sent``: the wait is a
+        ``strong`` write's, whose events are on the queue."""
+        self.timeout = timeout
+        self._deadline = time.monotonic() + timeout
+        self._awaited = awaited
+        self._write_sent = write_sent
+        self._ingested: set[str] = set()
+        self._last_error: Exception | None = None
+
+    def outstanding(self) -> dict[str, int]:
+        """What Kusto must still hold (event id -> seq)."""
+        return {e: seq for e, seq in self._awaited().items() if e not in self._ingested}
+
+    def poll_timeout(self) -> float:
+        """A poll's bound (``query_time_left``)."""
+        return query_time_left(self._deadline)
+
+    def answered(self, ingested: set[str], dead: Mapping[str, str]) -> None:
+        """Kusto's answer to a poll; raises ``EventDeadLetteredError`` for an awaited event
+        the ingestor dead-lettered."""
+        self._last_error = None
+        self._ingested |= ingested
+        outstanding = self.outstanding()
+        if lost := {e: reason for e, reason in dead.items() if e in outstanding}:
+            raise _dead_lettered(lost)
+
+    def retries(self, error: Exception) -> bool:
+        """Whether to poll again after a poll failed with ``error`` (Kusto did not answer)."""
+        if not is_transient(error):
+            return False
+        if self._last_error is None:  # once per outage, not once per poll
+            logger.warning(
+                "Kusto did not answer a poll for ingested events; polling again until the "
+                "wait's deadline",
+                extra={
+                    "error": type(error).__name__,
+                    "seconds_left": round(max(self._deadline - time.monotonic(), 0.0), 1),
+                },
+            )
+        self._last_error = error
+        return True
+
+    def next_pause(self, delay: float) -> float | None:
+        """After a poll: ``None`` once nothing is outstanding, else how long to sleep
+        before the next one (``delay``, but not past the deadline, so the last poll is
+        made at it). Past the deadline, raises ``IngestionTimeoutError``."""
+        if not (outstanding := self.outstanding()):
+            return None
+        left = self._deadline - time.monotonic()
+        if left > 0:
+            return min(delay, left)
+        if self._write_sent:
+            what = (
+                f"This write was sent (it is on the queue and will be ingested), but after "
+                f"{self.timeout:g}s Kusto does not hold its {_events(len(outstanding))}: "
+                "other processes may not read it until then."
+            )
+        else:
+            what = (
+                f"After {self.timeout:g}s Kusto does not hold {_events(len(outstanding))} this "
+                "process published; they are still queued."
+            )
+        if self._last_error is None:
+            why = "Is the ingestor worker running?"
+        else:
+            why = f"Kusto did not answer the last poll ({type(self._last_error).__name__})."
+        raise IngestionTimeoutError(f"{what} {why}") from self._last_error
+
+
+def query_time_left(deadline: float) -> float:
+    """The bound of a query made before ``deadline`` (``time.monotonic()``): the time left,
+    but at least what the SDK can time, so a wait on a hung Kusto ends less than
+    ``MIN_QUERY_TIMEOUT`` after its deadline."""
+    return max(deadline - time.monotonic(), MIN_QUERY_TIMEOUT)
+
+
+def _events(count: int) -> str:
+    return "1 event" if count == 1 else f"{count} events"
+
+
+def _dead_lettered(reasons: Mapping[str, str]) -> EventDeadLetteredError:
+    return EventDeadLetteredError(
+        f"The ingestor dead-lettered {_events(len(reasons))} this process published "
+        f"({', '.join(sorted(set(reasons.values())))}); what they wrote is not in Kusto "
+        "until replayed (`langgraph-kusto dlq list`, then `dlq replay` once the cause is "
+        "fixed).",
+        reasons,
+    )
 
 
 class BaseKustoSaver(BaseCheckpointSaver[str]):
@@ -409,18 +518,28 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             self.cache.dead_letter(dead)
         return ingested, dead
 
-    def _dead_lettered(self, reasons: Mapping[str, str]) -> EventDeadLetteredError:
-        events = "1 event" if len(reasons) == 1 else f"{len(reasons)} events"
-        return EventDeadLetteredError(
-            f"The ingestor dead-lettered {events} this process published "
-            f"({', '.join(sorted(set(reasons.values())))}); what they wrote is not in Kusto "
-            "until replayed (`langgraph-kusto dlq list`, then `dlq replay` once the cause is "
-            "fixed).",
-            reasons,
-        )
+    def _read_wait(self, config: RunnableConfig | None, *, single: bool) -> IngestionWait:
+        """The wait before Kusto's answer about ``config`` can be trusted: for this
+        process's unconfirmed writes of evicted cache entries (``IngestionTimeoutError``
+        after ``strong_timeout``), and for its run deletes and prunes of that scope, each
+        until ``strong_timeout`` after it was made (then the read answers without it)."""
+        return IngestionWait(self.strong_timeout, lambda: self._awaited(config, single=single))
+
+    def _write_wait(self, events: Sequence[Event]) -> IngestionWait:
+        """A ``strong`` write's wait for its events, which are on the queue."""
+        sent = {event.event_id: event.seq for event in events}
+        return IngestionWait(self.strong_timeout, lambda: sent, write_sent=True)
+
+    def _pending_wait(self, timeout: float | None) -> IngestionWait:
+        """``wait_for_ingestion``'s wait: for every event published so far."""
+        assert self.cache is not None
+        pending = self.cache.pending_events()
+        return IngestionWait(self.strong_timeout if timeout is None else timeout, lambda: pending)
 
     def _awaited(self, config: RunnableConfig | None, *, single: bool) -> dict[str, int]:
-        """Events to wait for before Kusto's answer about ``config`` can be trusted."""
+        """Events to wait for before Kusto's answer about ``config`` can be trusted. Asked
+        again every poll: a run delete or prune drops out ``strong_timeout`` after it was
+        made, so one that never reaches Kusto (dead-lettered) blocks reads no longer."""
         if self.cache is None:
             return {}
         configurable = (config or {}).get("configurable", {})
@@ -432,18 +551,13 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             hides_since=time.monotonic() - self.strong_timeout,
         )
 
-    def _ingestion_timeout(self, waiting_for: int, refused: bool = False) -> IngestionTimeoutError:
-        if refused:
-            assert self.cache is not None
-            return IngestionTimeoutError(
-                f"{waiting_for} events this process published are not in Kusto yet and "
-                f"remembering them fills cache_max_bytes ({self.cache.max_bytes:,} bytes); "
-                f"after waiting {self.strong_timeout}s for the ingestor this write was not "
-                "sent. Is the ingestor worker running?"
-            )
+    def _refused_for_room(self, waiting_for: int) -> IngestionTimeoutError:
+        assert self.cache is not None
         return IngestionTimeoutError(
-            f"{waiting_for} published events are not queryable in Kusto after "
-            f"{self.strong_timeout}s; they are still queued. Is the ingestor worker running?"
+            f"{waiting_for} events this process published are not in Kusto yet and "
+            f"remembering them fills cache_max_bytes ({self.cache.max_bytes:,} bytes); "
+            f"after waiting {self.strong_timeout}s for the ingestor this write was not "
+            "sent. Is the ingestor worker running?"
         )
 
     # -- reads ------------------------------------------------------------
