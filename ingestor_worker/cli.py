@@ -6,9 +6,9 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from azure.kusto.data.exceptions import KustoError, KustoNetworkError
 from langgraph.checkpoint.kusto.kusto import KustoQueries
@@ -53,6 +53,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
+    def parse_known_args(
+        self, args: Iterable[str] | None = None, namespace: Any = None
+    ) -> tuple[Any, list[str]]:
+        """Unknown arguments are an error of the (sub)command that met them: argparse would
+        hand a subcommand's leftovers to the top-level parser, whose help does not list
+        that subcommand's flags."""
+        parsed, unknown = super().parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed, unknown
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
@@ -83,13 +94,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     except KustoError as exc:
-        print(f"langgraph-kusto: Kusto refused the request: {exc}", file=sys.stderr)
+        print(f"langgraph-kusto: Kusto refused the request: {_summary(exc)}", file=sys.stderr)
         return 1
     except OutboxError as exc:
         print(f"langgraph-kusto: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _summary(error: KustoError) -> str:
+    """The error in one line: the HTTP status and the first line of the answer. A server
+    that is not Kusto (a wrong --cluster) answers with a whole HTML page."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first = lines[0] if lines else type(error).__name__
+    status = getattr(getattr(error, "http_response", None), "status_code", None)
+    summary = first if status is None else f"HTTP {status}: {first}"
+    if first.startswith("<"):
+        return (
+            f"{summary} (an HTML page of {len(lines)} lines, not a Kusto answer: does the "
+            "cluster URL name a Kusto cluster?)"
+        )
+    if len(lines) > 1:
+        return f"{summary} (and {len(lines) - 1} more lines)"
+    return summary
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -152,12 +180,12 @@ def _connection_flags(parser: argparse.ArgumentParser) -> None:
 def _local_kusto(args: argparse.Namespace) -> int:
     from langgraph.checkpoint.kusto.local.kusto_server import serve_local_kusto
 
-    from .local_stack import default_port, server_error
+    from .local_stack import SERVER_START_ERRORS, default_port, server_error
 
     port = default_port() if args.port is None else args.port
     try:
         serve_local_kusto(args.data, port, resolve(database=args.database).database)
-    except (OSError, RuntimeError) as exc:
+    except SERVER_START_ERRORS as exc:
         raise server_error(exc, args.data, port) from None
     return 0
 

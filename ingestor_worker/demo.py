@@ -7,10 +7,11 @@
 3. A thread's history read back from Kusto with KQL, and its state through a second saver
    that has no cache.
 4. A KQL analytics query over all demo threads: steps, tool calls and interrupts per thread.
-5. Dead letters: a poison message (random bytes), and real events whose ingestion failed
-   because the table's ingestion mapping was dropped; after the fix (provision.kql applied
-   again) they are replayed with the code of ``langgraph-kusto dlq replay`` and the poison
-   is purged with that of ``dlq purge``.
+5. Failures: a poison message (random bytes) is dead-lettered and inspected with the code
+   of ``langgraph-kusto dlq list`` and ``dlq show``; the table's ingestion mapping is
+   dropped, and the worker keeps the events it cannot ingest and retries, dead-lettering
+   nothing. After the fix (provision.kql applied again) they land in Kusto, and the poison
+   is purged with the code of ``dlq purge``.
 
 Every user value in the KQL travels as a query parameter (``declare query_parameters``).
 """
@@ -37,7 +38,6 @@ from langgraph.checkpoint.kusto.ingestor_worker.dlq import (
     Selection,
     run_list,
     run_purge,
-    run_replay,
     run_show,
 )
 from langgraph.checkpoint.kusto.ingestor_worker.ingest import JSON_MAPPING, KustoIngestor
@@ -45,7 +45,7 @@ from langgraph.checkpoint.kusto.ingestor_worker.retry import RetryPolicy
 from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
 from langgraph.checkpoint.kusto.kusto import KustoQueries
 from langgraph.checkpoint.kusto.local.kusto_server import LocalKustoServer, start_local_kusto
-from langgraph.checkpoint.kusto.outbox import MAX_DELIVERY_COUNT_EXCEEDED, OutboxMessage
+from langgraph.checkpoint.kusto.outbox import OutboxMessage
 from langgraph.checkpoint.kusto.outbox.sqlite import SqliteQueue
 from langgraph.checkpoint.kusto.queries import Query
 from langgraph.checkpoint.kusto.schema import apply_provision
@@ -109,10 +109,10 @@ APPROVAL_TOOLS = frozenset({"book_table"})
 
 INGESTION_TIMEOUT = 60.0
 POLL_INTERVAL = 0.1
-MAX_DELIVERY_COUNT = 3
-"""Deliveries before the demo queue dead-letters a message (Service Bus defaults to 10)."""
 DEMO_RETRY = RetryPolicy(max_attempts=2, budget=2.0, initial_backoff=0.05, max_backoff=0.1)
-"""Short retries, so a failing ingestion reaches the dead-letter queue within seconds."""
+"""Short rounds of retries, so the worker reports a failing ingestion within a second."""
+HELD_ROUNDS = 2
+"""Rounds of retries the tour watches the worker keep the events through."""
 POISON_BYTES = 48
 
 
@@ -271,14 +271,16 @@ def run_demo(data_dir: Path | None = None, out: TextIO | None = None) -> list[di
     stream = sys.stdout if out is None else out
     with tempfile.TemporaryDirectory(prefix="langgraph-kusto-demo-") as scratch:
         root = Path(data_dir) if data_dir is not None else Path(scratch)
-        _refuse_used(root)
+        _prepare_data_dir(root)
         with _local_stack(root, stream) as stack, _worker_log() as worker_log:
             history = _agent_runs(stack, stream)
-            _dead_letters(stack, worker_log, stream)
+            _failures(stack, worker_log, stream)
             return history
 
 
-def _refuse_used(root: Path) -> None:
+def _prepare_data_dir(root: Path) -> None:
+    """Create the data directory, or a one-line ``UsageError``: it holds an earlier demo's
+    data, or it cannot be a directory (a file, an unwritable or missing parent)."""
     from .cli import UsageError
 
     if (root / "kusto").exists() or (root / "outbox.db").exists():
@@ -286,16 +288,19 @@ def _refuse_used(root: Path) -> None:
             f"{root} holds an earlier demo's data (its threads would mix with this run's); "
             "remove it or give --data an empty directory"
         )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot keep the demo's data in {root}: {exc}") from None
 
 
 @contextmanager
 def _local_stack(root: Path, out: TextIO) -> Iterator[_Stack]:
     _heading(out, "1. The local stack (what `langgraph-kusto local up` runs)")
-    root.mkdir(parents=True, exist_ok=True)
     server = start_local_kusto(root / "kusto", port=0, database=DEFAULT_DATABASE)
     queue_url = f"sqlite:///{(root / 'outbox.db').resolve()}"
     queries = KustoQueries(server.url, DEFAULT_DATABASE)
-    queue = SqliteQueue.from_url(queue_url, max_delivery_count=MAX_DELIVERY_COUNT)
+    queue = SqliteQueue.from_url(queue_url)
     ingestor = KustoIngestor(server.url, DEFAULT_DATABASE)
     stop = threading.Event()
     worker_thread: threading.Thread | None = None
@@ -347,45 +352,40 @@ def _agent_runs(stack: _Stack, out: TextIO) -> list[dict[str, Any]]:
     return history
 
 
-def _dead_letters(stack: _Stack, worker_log: list[logging.LogRecord], out: TextIO) -> None:
+def _failures(stack: _Stack, worker_log: list[logging.LogRecord], out: TextIO) -> None:
     from .dlq import open_store
 
-    _heading(out, "5. Dead letters")
+    _heading(out, "5. Failures: a poison message, then a misconfigured Kusto")
     stack.queue.send([OutboxMessage(os.urandom(POISON_BYTES), "demo-poison", "demo-poison", {})])
     print(f"  a poison message ({POISON_BYTES} random bytes) is published to the queue", file=out)
     _wait_for_empty_queue(stack.queue)
     print("  the worker dead-letters it: its body is no event", file=out)
-
-    stack.queries.command(DROP_MAPPING)
-    print(f"\n  an operator drops the table's ingestion mapping:\n    {DROP_MAPPING}", file=out)
-    with KustoSaver.from_conn_string(stack.queue_url, stack.server.url, DEFAULT_DATABASE) as saver:
-        _converse(build_agent(saver), LATE_SCENARIO, out)
-        late_written = len(list(saver.list({"configurable": {"thread_id": LATE_THREAD}})))
-    print("  (the app did not notice: its writes went to the queue)", file=out)
-    _wait_for_empty_queue(stack.queue)
-    print(
-        f"  the worker cannot ingest the thread's events ({_ingest_errors(worker_log)}); it "
-        f"retries, gives them back, and after {MAX_DELIVERY_COUNT} deliveries the queue "
-        "dead-letters them",
-        file=out,
-    )
-
     store = open_store(stack.queue_url)
     try:
         _command(out, f"dlq list --queue {stack.queue_url}")
         _indented(out, lambda o: run_list(store, stack.queue_url, Selection(), o))
-        late = next(d for d in store.list_dead_letters(limit=1000) if d.session_id == LATE_THREAD)
-        _command(out, f"dlq show {late.sequence_number} --queue {stack.queue_url}")
-        _indented(out, lambda o: run_show(store, stack.queue_url, late.sequence_number, o))
+        poison = store.list_dead_letters(limit=1)[0]
+        _command(out, f"dlq show {poison.sequence_number} --queue {stack.queue_url}")
+        _indented(out, lambda o: run_show(store, stack.queue_url, poison.sequence_number, o))
 
-        _heading(out, "6. The fix, then replay")
+        stack.queries.command(DROP_MAPPING)
+        print(f"\n  an operator drops the table's ingestion mapping:\n    {DROP_MAPPING}", file=out)
+        saver_options = (stack.queue_url, stack.server.url, DEFAULT_DATABASE)
+        with KustoSaver.from_conn_string(*saver_options) as saver:
+            _converse(build_agent(saver), LATE_SCENARIO, out)
+            late_written = len(list(saver.list({"configurable": {"thread_id": LATE_THREAD}})))
+        print("  (the app did not notice: its writes went to the queue)", file=out)
+        _wait_for_held_rounds(worker_log)
+        print(
+            f"  the worker cannot ingest the thread's events ({_ingest_errors(worker_log)});\n"
+            f"  it keeps them and retries for as long as Kusto refuses: the queue still holds "
+            f"{stack.queue.depth()} messages, and nothing more is dead-lettered",
+            file=out,
+        )
+
+        _heading(out, "6. The fix")
         apply_provision(stack.queries)
         print("  provision.kql applied again: the mapping is back", file=out)
-        _command(
-            out, f"dlq replay --reason {MAX_DELIVERY_COUNT_EXCEEDED} --queue {stack.queue_url}"
-        )
-        replayed = Selection(reason=MAX_DELIVERY_COUNT_EXCEEDED)
-        _indented(out, lambda o: run_replay(store, stack.queue_url, replayed, o, o))
         _wait_for_empty_queue(stack.queue)
         rows = _wait_for_rows(stack.queries, _history_query(LATE_THREAD), late_written)
         print(f"  thread {LATE_THREAD!r} is in Kusto now: {len(rows)} checkpoints", file=out)
@@ -397,7 +397,7 @@ def _dead_letters(stack: _Stack, worker_log: list[logging.LogRecord], out: TextI
         _indented(out, lambda o: run_list(store, stack.queue_url, Selection(), o))
     finally:
         store.close()
-    print("\n  analytics again, the replayed thread included:", file=out)
+    print("\n  analytics again, the late thread included:", file=out)
     _table(out, stack.queries.run(_runs_query()), _RUN_COLUMNS)
 
 
@@ -444,6 +444,16 @@ def _ingest_errors(records: Sequence[logging.LogRecord]) -> str:
         if record.getMessage() == "ingestion attempt failed; retrying"
     }
     return "; ".join(sorted(causes)) or "no failure logged"
+
+
+def _wait_for_held_rounds(records: Sequence[logging.LogRecord]) -> None:
+    """Until the worker has kept the events it cannot ingest through ``HELD_ROUNDS``."""
+    deadline = time.monotonic() + INGESTION_TIMEOUT
+    while time.monotonic() < deadline:
+        held = [r for r in records if r.getMessage().endswith("retrying with the batch in hand")]
+        if len(held) >= HELD_ROUNDS:
+            return
+        time.sleep(POLL_INTERVAL)
 
 
 def _wait_for_empty_queue(queue: SqliteQueue) -> None:

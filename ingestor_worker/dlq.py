@@ -28,12 +28,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TextIO
-from urllib.parse import unquote, urlsplit
 
 from langgraph.checkpoint.kusto.outbox import (
     DeadLetter,
+    DeadLetterLookup,
     DeadLetterStore,
     OutboxError,
     OutboxQueue,
@@ -41,6 +40,7 @@ from langgraph.checkpoint.kusto.outbox import (
     queue_id,
     redact_queue_url,
 )
+from langgraph.checkpoint.kusto.outbox.sqlite import parse_url as parse_sqlite_url
 from langgraph.checkpoint.kusto.settings import QUEUE_ENV, resolve
 from langgraph.checkpoint.kusto.shared.envelope import Event, EventKind, decode_event
 from langgraph.checkpoint.kusto.shared.errors import EnvelopeError
@@ -422,14 +422,22 @@ def run_show(
     now: float | None = None,
 ) -> int:
     moment = time.time() if now is None else now
-    examined = scan(store, Selection(), moment).examined
-    item = next((d for d in examined if d.dead.sequence_number == sequence_number), None)
+    # The scan also finds the other parts of a chunked event, to decode its envelope.
+    found = scan(store, Selection(), moment)
+    if isinstance(store, DeadLetterLookup):
+        dead = store.find_dead_letter(sequence_number)
+        item = None if dead is None else describe(dead)
+        searched_all = True
+    else:
+        item = next((d for d in found.examined if d.dead.sequence_number == sequence_number), None)
+        searched_all = not found.truncated
     if item is None:
         raise UsageError(
-            f"no dead letter with sequence number {sequence_number} in {where}; "
-            "`langgraph-kusto dlq list` shows the ones there are"
+            f"no dead letter with sequence number {sequence_number} in {where}"
+            + ("" if searched_all else f" among the oldest {SCAN_LIMIT} (the scan limit)")
+            + "; `langgraph-kusto dlq list` shows the ones there are"
         )
-    print(render_detail(item, examined, moment, payload=payload), file=out)
+    print(render_detail(item, found.examined, moment, payload=payload), file=out)
     return 0
 
 
@@ -523,8 +531,9 @@ def _notes(found: Scan, out: TextIO) -> None:
         )
     if found.truncated:
         print(
-            f"note: only the oldest {SCAN_LIMIT} dead letters were examined; run the command "
-            "again once these are handled",
+            f"note: only the oldest {SCAN_LIMIT} dead letters were examined; newer ones, "
+            "matching or not, were not looked at: handle (replay or purge) the oldest, then "
+            "run the command again",
             file=out,
         )
 
@@ -595,14 +604,15 @@ def _positive(text: str) -> int:
 def open_store(url: str) -> OutboxQueue:
     """The queue ``url`` names. A SQLite queue file must exist already: opening creates
     one, and an operator who mistyped the path would silently look at an empty queue."""
-    if url.startswith("sqlite:"):
-        path = Path(unquote(urlsplit(url).path)[1:])
-        if path.name and not path.is_file():
-            raise UsageError(
-                f"no queue file at {path} (from the queue URL {url!r}); pass --queue or set "
-                f"${QUEUE_ENV} (a relative sqlite:/// path is relative to the current directory)"
-            )
     try:
+        if url.startswith("sqlite:"):
+            path = parse_sqlite_url(url).path
+            if not path.is_file():
+                raise UsageError(
+                    f"no queue file at {path} (from the queue URL {url!r}); pass --queue or "
+                    f"set ${QUEUE_ENV} (a relative sqlite:/// path is relative to the current "
+                    "directory)"
+                )
         return open_queue(url)
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -77,11 +77,17 @@ def open_local_kusto(data: Path, port: int, database: str) -> LocalKustoServer:
 
     try:
         return LocalKustoServer(data, port, database)
-    except (OSError, RuntimeError) as exc:
+    except SERVER_START_ERRORS as exc:
         raise server_error(exc, data, port) from None
 
 
-def server_error(exc: OSError | RuntimeError, data: Path, port: int) -> UsageError:
+SERVER_START_ERRORS = (OSError, RuntimeError, ValueError)
+"""What the local server raises for a reason the user can fix: a busy port or unusable
+data directory (OSError), a DuckDB file held by another server (RuntimeError), a
+database name it cannot use (ValueError)."""
+
+
+def server_error(exc: OSError | RuntimeError | ValueError, data: Path, port: int) -> UsageError:
     """What keeps the local server from starting, as a one-line ``UsageError``."""
     if isinstance(exc, OSError) and exc.errno in _PORT_ERRORS:
         return UsageError(
@@ -90,7 +96,7 @@ def server_error(exc: OSError | RuntimeError, data: Path, port: int) -> UsageErr
         )
     if isinstance(exc, OSError):
         return UsageError(f"cannot keep the Kusto data in {data}: {exc}")
-    return UsageError(str(exc))  # the DuckDB file is held by another server process
+    return UsageError(str(exc))  # the message names the file or the database
 
 
 def add_local_up_arguments(parser: argparse.ArgumentParser) -> None:

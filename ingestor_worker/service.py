@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -23,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from langgraph.checkpoint.kusto.kusto import is_local_cluster
+from langgraph.checkpoint.kusto.outbox import OutboxError
 from langgraph.checkpoint.kusto.settings import CLUSTER_ENV, DATABASE_ENV, QUEUE_ENV, resolve
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -294,6 +296,10 @@ def _option_value(option: _Option, flag_value: Any, env: Mapping[str, str]) -> A
             ) from None
     else:
         return option.default
+    # float() reads "nan" and "inf"; a NaN passes every comparison below, and an endless
+    # wait or budget keeps the worker from ever stopping.
+    if not math.isfinite(value):
+        raise SettingsError(f"{source} must be a finite number, got {value}")
     if value < option.minimum:
         bound = "positive" if option.minimum == _POSITIVE else f">= {option.minimum:g}"
         raise SettingsError(f"{source} must be {bound}, got {value}")
@@ -476,7 +482,8 @@ def build_worker(
 
 def run_worker_command(args: argparse.Namespace) -> int:
     """``langgraph-kusto worker``: run until SIGTERM/SIGINT; 0 after a clean stop, 1 if the
-    worker failed or overran its shutdown deadline, 2 for unusable settings."""
+    queue could not be opened, the worker failed or overran its shutdown deadline, 2 for
+    unusable settings."""
     from .ingest import KustoIngestor
 
     try:
@@ -488,6 +495,9 @@ def run_worker_command(args: argparse.Namespace) -> int:
         receiver = open_receiver(settings)
     except ValueError as exc:
         return _usage_error(str(exc))
+    except OutboxError as exc:
+        print(f"langgraph-kusto worker: {exc}", file=sys.stderr)
+        return 1
     closers: list[Callable[[], None]] = [receiver.close]
     if meter_provider is not None:
         closers.append(lambda: meter_provider.shutdown(timeout_millis=METRICS_FLUSH_MILLIS))

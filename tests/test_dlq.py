@@ -457,18 +457,102 @@ def test_replay_never_splits_a_chunked_event(
 
 def test_bad_flags_are_one_line_errors(tmp_path: Path) -> None:
     backend = _sqlite_backend(tmp_path)
+    (tmp_path / "relative.db").touch()
     cases = [
         (["dlq", "replay", "--queue", backend.url, "--older-than", "soon"], "is not understood"),
         (["dlq", "purge", "--queue", backend.url, "--limit", "0"], "must be at least 1"),
         (["dlq", "list", "--queue", f"sqlite:///{tmp_path}/missing.db"], "no queue file at"),
         (["dlq", "list", "--queue", "redis://x"], "is not supported"),
+        (
+            ["dlq", "list", "--queue", "sqlite:relative.db"],
+            "Not a SQLite queue URL: 'sqlite:relative.db'. Expected sqlite:///relative/path.db",
+        ),
+        (
+            ["dlq", "list", "-v"],
+            "langgraph-kusto dlq list: unrecognized arguments: -v "
+            "(see `langgraph-kusto dlq list --help`)",
+        ),
     ]
     for argv, message in cases:
-        result = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [*CLI, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 2, result.stderr
         assert message in result.stderr
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "missing.db").exists()
+
+
+def test_a_file_that_is_not_a_queue_is_a_one_line_error(tmp_path: Path) -> None:
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("hello\n")
+
+    result = subprocess.run(
+        [*CLI, "dlq", "list", "--queue", f"sqlite:///{text_file}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"langgraph-kusto: cannot open the queue file {text_file}: file is not a database\n"
+    )
+
+
+def _more_than_a_scan(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> list[OutboxMessage]:
+    """Five dead letters of five threads, with a scan limit of three."""
+    monkeypatch.setattr(dlq_module, "SCAN_LIMIT", 3)
+    messages = [poison(f"thread-{i}") for i in range(5)]
+    seed(backend, [(m, "Poison") for m in messages])
+    return messages
+
+
+def test_show_finds_a_dead_letter_past_the_scan_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = _sqlite_backend(tmp_path)
+    _more_than_a_scan(backend, monkeypatch)
+    newest = max(seq for seq, _, _ in backend.dead())
+
+    code, out, err = dlq(capsys, backend, "show", str(newest))
+
+    assert (code, err) == (0, "")
+    assert f"sequence number   {newest}" in out
+    assert "thread (session)  thread-4" in out
+
+
+def test_show_past_the_scan_limit_of_a_store_without_lookup_says_so(
+    broker: AmqpTestBroker, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = _broker_backend(broker)
+    _more_than_a_scan(backend, monkeypatch)
+    newest = max(seq for seq, _, _ in backend.dead())
+
+    code, out, err = dlq(capsys, backend, "show", str(newest))
+
+    assert (code, out) == (2, "")
+    assert err == (
+        f"langgraph-kusto: no dead letter with sequence number {newest} in {_where(backend)} "
+        "among the oldest 3 (the scan limit); `langgraph-kusto dlq list` shows the ones "
+        "there are\n"
+    )
+
+
+def test_purge_of_a_thread_past_the_scan_limit_says_matches_were_not_looked_at(
+    backend: Backend, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _more_than_a_scan(backend, monkeypatch)
+
+    code, out, err = dlq(capsys, backend, "purge", "--thread", "thread-4")
+
+    assert (code, err) == (0, "")
+    assert "no dead letters match the filters" in out
+    assert (
+        "note: only the oldest 3 dead letters were examined; newer ones, matching or not, "
+        "were not looked at: handle (replay or purge) the oldest, then run the command again"
+    ) in out
+    assert len(backend.dead()) == 5
 
 
 def test_age_parsing_and_formatting() -> None:

@@ -250,3 +250,38 @@ def test_a_busy_port_is_a_one_line_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"cannot listen on port {port}" in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def _local_up_error(tmp_path: Path, *flags: str, **env: str) -> tuple[int, str]:
+    """Exit code and stderr of a `local up` that must stop at once with one line."""
+    result = subprocess.run(
+        [*CLI, "local", "up", "--port", "0", "--data", str(tmp_path / "kusto"), *flags],
+        cwd=tmp_path,
+        env={**_clean_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    return result.returncode, result.stderr
+
+
+def test_a_queue_path_that_is_a_directory_is_a_one_line_error(tmp_path: Path) -> None:
+    assert _local_up_error(tmp_path, "--queue", f"sqlite:///{tmp_path}") == (
+        1,
+        f"langgraph-kusto: cannot open the queue file {tmp_path}: it is a directory\n",
+    )
+
+
+def test_a_bad_database_name_is_a_one_line_error(tmp_path: Path) -> None:
+    message = (
+        "langgraph-kusto: database name {!r}: use letters, digits, '_', '-' or '.' "
+        "(it is also the DuckDB file name)\n"
+    )
+
+    assert _local_up_error(tmp_path, "--database", "bad!name") == (2, message.format("bad!name"))
+    assert _local_up_error(tmp_path, LANGGRAPH_KUSTO_DATABASE="bad name") == (
+        2,
+        message.format("bad name"),
+    )

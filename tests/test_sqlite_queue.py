@@ -14,11 +14,14 @@ from typing import Any
 import pytest
 from langgraph.checkpoint.kusto.outbox import (
     MAX_DELIVERY_COUNT_EXCEEDED,
+    DeadLetterLookup,
     DeadLetterStore,
     LockLostError,
+    OutboxError,
     OutboxMessage,
     OutboxReceiver,
     OutboxSender,
+    open_sender,
     queue_id,
     replay_message_id,
 )
@@ -273,6 +276,17 @@ def test_dead_letters_listed_oldest_first_resent_and_deleted(queue: SqliteQueue)
     assert queue.depth() == 0
 
 
+def test_find_dead_letter_by_sequence_number(queue: SqliteQueue) -> None:
+    assert isinstance(queue, DeadLetterLookup)
+    queue.send([msg(f"m{i}", f"s{i}") for i in range(3)])
+    for m in queue.receive(3, 0):
+        queue.dead_letter(m, "Broken", f"because {m.message_id}")
+    listed = queue.list_dead_letters()
+
+    assert [queue.find_dead_letter(d.sequence_number) for d in listed] == listed
+    assert queue.find_dead_letter(999) is None
+
+
 def test_replayed_message_still_blocks_a_late_duplicate(queue: SqliteQueue) -> None:
     queue.send([msg("a")])
     (m,) = queue.receive(1, 0)
@@ -483,11 +497,56 @@ def test_from_url(
         "sqlite:///q.db?topic=a",
         "sqlite:///q.db?queue",
         "q.db",
+        "sqlite:q.db",
+        "sqlite:/q.db",
+        "sqlite://",
+        "sqlite:ABS/q.db",
+        "sqlite:/ABS/q.db",
+        "sqlite://ABS/q.db",
     ],
 )
-def test_from_url_rejects_bad_urls(url: str) -> None:
+def test_from_url_rejects_bad_urls(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only sqlite:/// and sqlite://// name a file; the other spellings used to open a
+    different file than the one the user meant (``sqlite:q.db`` opened ``.db``...)."""
+    monkeypatch.chdir(tmp_path)
+    url = url.replace("ABS", str(tmp_path / "abs").lstrip("/"))
     with pytest.raises(ValueError, match=r"sqlite:///relative/path\.db"):
         SqliteQueue.from_url(url)
+    assert list(tmp_path.iterdir()) == [], "a rejected URL created a file"
+
+
+@pytest.mark.parametrize("where", ["a directory", "a text file", "under a file", "under /proc"])
+def test_a_path_that_cannot_be_a_queue_file_is_an_outbox_error_naming_file_and_cause(
+    where: str, tmp_path: Path
+) -> None:
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("hello\n")
+    # /proc: a missing directory that nobody can create, root included.
+    path, cause = {
+        "a directory": (tmp_path, f"cannot open the queue file {tmp_path}: it is a directory"),
+        "a text file": (
+            text_file,
+            f"cannot open the queue file {text_file}: file is not a database",
+        ),
+        "under a file": (
+            text_file / "q.db",
+            f"cannot create the directory {text_file} for the queue file {text_file / 'q.db'}: ",
+        ),
+        "under /proc": (
+            Path("/proc/no-such-dir/q.db"),
+            "cannot create the directory /proc/no-such-dir for the queue file "
+            "/proc/no-such-dir/q.db: No such file or directory",
+        ),
+    }[where]
+
+    for open_it in (SqliteQueue.from_url, open_sender):  # open_sender: what the saver uses
+        with pytest.raises(OutboxError) as raised:
+            open_it(f"sqlite:///{path}")
+        message = str(raised.value)
+        assert message.startswith(cause), message
+        assert "\n" not in message
 
 
 def test_constructor_rejects_nonsense(db: Path) -> None:

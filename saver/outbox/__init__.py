@@ -164,6 +164,14 @@ class DeadLetterStore(Protocol):
 
 
 @runtime_checkable
+class DeadLetterLookup(Protocol):
+    """A store that finds one dead letter by sequence number, without listing the ones
+    before it (``dlq show`` uses it when there are more than one listing can hold)."""
+
+    def find_dead_letter(self, sequence_number: int) -> DeadLetter | None: ...
+
+
+@runtime_checkable
 class OutboxQueue(OutboxSender, OutboxReceiver, DeadLetterStore, Protocol):
     """A whole queue backend, as ``open_queue`` returns it."""
 

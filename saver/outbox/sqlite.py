@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, NamedTuple, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from . import (
@@ -47,7 +47,7 @@ from . import (
 )
 from .grouping import SendGroups, commit, failed, in_background, settle
 
-__all__ = ["AsyncSqliteSender", "SqliteQueue", "WriteLockBusy"]
+__all__ = ["AsyncSqliteSender", "SqliteQueue", "SqliteUrl", "WriteLockBusy", "parse_url"]
 
 BUSY_TIMEOUT_SECONDS = 30.0
 """How long a transaction waits for another process's write lock before giving up."""
@@ -80,6 +80,45 @@ class WriteLockBusy(OutboxError):
 
 
 URL_FORM = "sqlite:///relative/path.db or sqlite:////absolute/path.db, optionally ?queue=name"
+URL_PREFIX = "sqlite:///"
+
+
+class SqliteUrl(NamedTuple):
+    """What a queue URL names: the database file and the queue in it."""
+
+    path: Path
+    queue: str
+
+
+def parse_url(url: str) -> SqliteUrl:
+    """The file and queue of a ``sqlite:///path.db[?queue=name]`` URL, else ``ValueError``.
+
+    Three slashes then a relative path, four for an absolute one (the SQLAlchemy
+    convention), so the same setting works in a config file and on the command line.
+    Every other spelling is refused: ``sqlite:q.db`` or ``sqlite:/tmp/q.db`` would otherwise
+    name a different file than the user meant, and an app and its worker could silently
+    use different queues.
+    """
+    parts = urlsplit(url)
+    if not url.startswith(URL_PREFIX) or parts.fragment:
+        raise ValueError(f"Not a SQLite queue URL: {url!r}. Expected {URL_FORM}.")
+    path = unquote(parts.path).removeprefix("/")
+    if not path or path.endswith("/"):
+        raise ValueError(f"No database file in queue URL {url!r}. Expected {URL_FORM}.")
+    try:
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError as error:
+        raise ValueError(f"Bad query in queue URL {url!r}. Expected {URL_FORM}.") from error
+    unknown = sorted(set(query) - {"queue"})
+    if unknown:
+        raise ValueError(
+            f"Unknown option(s) {', '.join(unknown)} in queue URL {url!r}. Expected {URL_FORM}."
+        )
+    queues = query.get("queue", ["events"])
+    if len(queues) != 1 or not queues[0]:
+        raise ValueError(f"Give exactly one non-empty queue name in {url!r}. Expected {URL_FORM}.")
+    return SqliteUrl(Path(path), queues[0])
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox_messages (
@@ -250,12 +289,16 @@ FROM outbox_messages WHERE seq = :seq
 
 DELETE_MESSAGE = "DELETE FROM outbox_messages WHERE seq = :seq"
 
-LIST_DEAD_LETTERS = """
+DEAD_LETTER_COLUMNS = """
 SELECT body, message_id, session_id, seq, delivery_count, enqueued_time, dead_lettered_time,
     reason, description, properties
-FROM outbox_dead_letters WHERE queue = :queue
+FROM outbox_dead_letters"""
+
+LIST_DEAD_LETTERS = f"""{DEAD_LETTER_COLUMNS} WHERE queue = :queue
 ORDER BY dead_lettered_time, seq LIMIT :limit
 """
+
+FIND_DEAD_LETTER = f"{DEAD_LETTER_COLUMNS} WHERE queue = :queue AND seq = :seq"
 
 TAKE_DEAD_LETTER = """
 DELETE FROM outbox_dead_letters WHERE queue = :queue AND seq = :seq
@@ -324,34 +367,11 @@ class SqliteQueue:
         duplicate_detection_window: float = 600.0,
         wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT,
     ) -> SqliteQueue:
-        """Open the queue a ``sqlite:///path.db[?queue=name]`` URL names.
-
-        Three slashes then a relative path, four for an absolute one (the SQLAlchemy
-        convention), so the same setting works in a config file and on the command line.
-        """
-        parts = urlsplit(url)
-        if parts.scheme != "sqlite" or parts.netloc or parts.fragment:
-            raise ValueError(f"Not a SQLite queue URL: {url!r}. Expected {URL_FORM}.")
-        path = unquote(parts.path)[1:]
-        if not path or path.endswith("/"):
-            raise ValueError(f"No database file in queue URL {url!r}. Expected {URL_FORM}.")
-        try:
-            query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-        except ValueError as error:
-            raise ValueError(f"Bad query in queue URL {url!r}. Expected {URL_FORM}.") from error
-        unknown = sorted(set(query) - {"queue"})
-        if unknown:
-            raise ValueError(
-                f"Unknown option(s) {', '.join(unknown)} in queue URL {url!r}. Expected {URL_FORM}."
-            )
-        queues = query.get("queue", ["events"])
-        if len(queues) != 1 or not queues[0]:
-            raise ValueError(
-                f"Give exactly one non-empty queue name in {url!r}. Expected {URL_FORM}."
-            )
+        """Open the queue a ``sqlite:///path.db[?queue=name]`` URL names (see ``parse_url``)."""
+        location = parse_url(url)
         return cls(
-            path,
-            queues[0],
+            location.path,
+            location.queue,
             lock_duration=lock_duration,
             max_delivery_count=max_delivery_count,
             duplicate_detection_window=duplicate_detection_window,
@@ -359,6 +379,21 @@ class SqliteQueue:
         )
 
     def _connect(self) -> sqlite3.Connection:
+        """A connection with the schema in place, or ``OutboxError`` naming the file and
+        why it cannot be the queue (a directory, not a SQLite file, no way to create it)."""
+        try:
+            return self._open_connection()
+        except OSError as error:  # only creating the file's directory raises it
+            raise OutboxError(
+                f"cannot create the directory {error.filename or self.path.parent} for the "
+                f"queue file {self.path}: {error.strerror or error}"
+            ) from error
+        except sqlite3.Error as error:
+            # SQLite says only "unable to open database file" for a directory.
+            cause = "it is a directory" if self.path.is_dir() else str(error)
+            raise OutboxError(f"cannot open the queue file {self.path}: {cause}") from error
+
+    def _open_connection(self) -> sqlite3.Connection:
         if str(self.path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock is
@@ -678,32 +713,13 @@ class SqliteQueue:
         """The oldest ``limit`` dead letters of this queue, in the order they died."""
         with self._lock:
             rows = self._execute(LIST_DEAD_LETTERS, self._params(limit=limit)).fetchall()
-        return [
-            DeadLetter(
-                body=body,
-                message_id=message_id,
-                session_id=session_id,
-                sequence_number=seq,
-                delivery_count=delivery_count,
-                enqueued_time=enqueued_time,
-                dead_lettered_time=dead_lettered_time,
-                reason=reason,
-                description=description,
-                application_properties=json.loads(properties),
-            )
-            for (
-                body,
-                message_id,
-                session_id,
-                seq,
-                delivery_count,
-                enqueued_time,
-                dead_lettered_time,
-                reason,
-                description,
-                properties,
-            ) in rows
-        ]
+        return [_dead_letter(row) for row in rows]
+
+    def find_dead_letter(self, sequence_number: int) -> DeadLetter | None:
+        """The dead letter with this sequence number, however many died before it."""
+        with self._lock:
+            row = self._execute(FIND_DEAD_LETTER, self._params(seq=sequence_number)).fetchone()
+        return None if row is None else _dead_letter(row)
 
     def resend_dead_letter(self, sequence_number: int) -> None:
         """Re-enqueue a copy (same body, session and properties, fresh delivery count, id
@@ -814,6 +830,34 @@ class AsyncSqliteSender:
 
     async def close(self) -> None:
         self.queue.close()
+
+
+def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
+    """A row of ``DEAD_LETTER_COLUMNS`` as a ``DeadLetter``."""
+    (
+        body,
+        message_id,
+        session_id,
+        seq,
+        delivery_count,
+        enqueued_time,
+        dead_lettered_time,
+        reason,
+        description,
+        properties,
+    ) = row
+    return DeadLetter(
+        body=body,
+        message_id=message_id,
+        session_id=session_id,
+        sequence_number=seq,
+        delivery_count=delivery_count,
+        enqueued_time=enqueued_time,
+        dead_lettered_time=dead_lettered_time,
+        reason=reason,
+        description=description,
+        application_properties=json.loads(properties),
+    )
 
 
 def _check_messages(messages: Sequence[OutboxMessage]) -> None:
