@@ -134,7 +134,8 @@ OPTIONS: tuple[_Option, ...] = (
         "LANGGRAPH_KUSTO_RETRY_ATTEMPTS",
         int,
         retry.DEFAULT_MAX_ATTEMPTS,
-        "ingestion attempts per batch before it is given back to the queue",
+        "ingestion attempts per round of retries; when a round is spent the worker starts "
+        "another while Kusto is unavailable, else gives the batch back to the queue",
         1,
     ),
     _Option(
@@ -142,7 +143,7 @@ OPTIONS: tuple[_Option, ...] = (
         "LANGGRAPH_KUSTO_RETRY_BUDGET",
         float,
         retry.DEFAULT_RETRY_BUDGET,
-        "seconds of retrying per batch before it is given back to the queue",
+        "seconds per round of retries (see --retry-attempts)",
         _POSITIVE,
     ),
     _Option(
