@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,17 +35,22 @@ from .base import (
     EventDeadLetteredError,
     IngestionTimeoutError,
     IngestionWait,
+    check_list_arguments,
+    checkpoint_address,
     namespace_of,
     one_namespace,
     prune_targets,
     query_time_left,
+    reachability_explained,
     refuse_event_loop_thread,
+    schema_check_explained,
     string_ids,
+    thread_id_argument,
 )
 from .kusto import DEFAULT_QUERY_TIMEOUT, KustoQueries
 from .queries import Query, channel_history
-from .schema import SHOW_SCHEMA, apply_provision, schema_error, verify_schema
-from .settings import resolve
+from .schema import SHOW_SCHEMA, apply_provision, verify_schema
+from .settings import resolve_arguments
 
 __all__ = [
     "AsyncKustoSaver",
@@ -56,8 +61,20 @@ __all__ = [
 ]
 
 
+def _no_async(method: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"KustoSaver is synchronous and does not support async methods ({method}). Use "
+        "AsyncKustoSaver for graph.ainvoke/astream (`async with "
+        "AsyncKustoSaver.from_conn_string(...) as saver:`), or graph.invoke/stream with "
+        "KustoSaver."
+    )
+
+
 class KustoSaver(BaseKustoSaver):
-    """Synchronous checkpointer. Use ``from_conn_string`` to build one with its connections."""
+    """Synchronous checkpointer. Use ``from_conn_string`` to build one with its connections.
+
+    Its async methods raise ``NotImplementedError`` pointing at ``AsyncKustoSaver`` (as
+    SqliteSaver's point at AsyncSqliteSaver); LangGraph's own would say nothing."""
 
     def __init__(
         self,
@@ -92,7 +109,7 @@ class KustoSaver(BaseKustoSaver):
         then the local defaults (``langgraph-kusto local up``). Each Kusto query is given
         up after ``query_timeout`` seconds (``KustoNetworkError``).
         """
-        settings = resolve(queue, cluster, database)
+        settings = resolve_arguments(queue, cluster, database)
         queries = KustoQueries(
             settings.cluster, settings.database, credential, query_timeout=query_timeout
         )
@@ -105,12 +122,11 @@ class KustoSaver(BaseKustoSaver):
 
     def setup(self, *, provision: bool = False) -> None:
         """Check the schema; with ``provision=True`` apply provision.kql first."""
-        if provision:
-            apply_provision(self.queries)
-        try:
-            rows = self.queries.command(SHOW_SCHEMA)
-        except Exception as exc:
-            raise schema_error(str(exc).splitlines()[0][:200]) from exc
+        with reachability_explained():
+            if provision:
+                apply_provision(self.queries)
+            with schema_check_explained(self.queries.database):
+                rows = self.queries.command(SHOW_SCHEMA)
         verify_schema(rows)
 
     # -- writes -------------------------------------------------------------
@@ -150,6 +166,8 @@ class KustoSaver(BaseKustoSaver):
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         refuse_event_loop_thread()
+        source_thread_id = thread_id_argument(source_thread_id, "source_thread_id")
+        target_thread_id = thread_id_argument(target_thread_id, "target_thread_id")
         source = self._stored({"configurable": {"thread_id": source_thread_id}})
         self._publish(*self._copy_events(source, target_thread_id))
 
@@ -172,21 +190,23 @@ class KustoSaver(BaseKustoSaver):
         scope = namespace_of(config)  # the walk may reach any checkpoint of it
         cached_scope = self._cached_scope(scope)
         self._wait_ingested(self._read_wait(scope, single=True))
-        rows = self.queries.run(channel_history(**scope["configurable"], channels=channels))
+        with reachability_explained():
+            rows = self.queries.run(channel_history(**scope["configurable"], channels=channels))
         return self._history(assemble_channel_history(rows), cached_scope, config, channels)
 
     # -- reads --------------------------------------------------------------
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         refuse_event_loop_thread()
-        cached = self._cached_tuple(config)
+        address = checkpoint_address(config)
+        cached = self._cached_tuple(address)
         if cached is not None:
             return cached
         config = one_namespace(config)
         cached_scope = self._cached_scope(config)
         self._wait_ingested(self._read_wait(config, single=True))
         found = self._merge(
-            self._select(self._tuple_query(config)), cached_scope, config, None, None, 1
+            self._select(self._tuple_query(address)), cached_scope, config, None, None, 1
         )
         return self._to_tuple(found[0]) if found else None
 
@@ -205,7 +225,8 @@ class KustoSaver(BaseKustoSaver):
     # -- I/O edges ----------------------------------------------------------
 
     def _select(self, query: Query) -> builtins.list[StoredCheckpoint]:
-        return assemble(self.queries.run(query))
+        with reachability_explained():
+            return assemble(self.queries.run(query))
 
     def _stored(
         self,
@@ -215,6 +236,7 @@ class KustoSaver(BaseKustoSaver):
         before: RunnableConfig | None = None,
         limit: int | None = None,
     ) -> builtins.list[StoredCheckpoint]:
+        check_list_arguments(config, filter, before)
         cached_scope = self._cached_scope(config)
         self._wait_ingested(self._read_wait(config, single=False))
         query = self._list_query(config, filter, before, limit)
@@ -312,3 +334,53 @@ class KustoSaver(BaseKustoSaver):
                 "an 'eventual' saver does not track what it published"
             )
         self._wait_ingested(self._pending_wait(timeout))
+
+    # -- async API: not this saver's ------------------------------------------
+
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        raise _no_async("aget_tuple")
+
+    def alist(
+        self,
+        config: RunnableConfig | None,
+        *,
+        filter: dict[str, Any] | None = None,
+        before: RunnableConfig | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[CheckpointTuple]:
+        raise _no_async("alist")
+
+    async def aput(
+        self,
+        config: RunnableConfig,
+        checkpoint: Checkpoint,
+        metadata: CheckpointMetadata,
+        new_versions: ChannelVersions,
+    ) -> RunnableConfig:
+        raise _no_async("aput")
+
+    async def aput_writes(
+        self,
+        config: RunnableConfig,
+        writes: Sequence[tuple[str, Any]],
+        task_id: str,
+        task_path: str = "",
+    ) -> None:
+        raise _no_async("aput_writes")
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        raise _no_async("adelete_thread")
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        raise _no_async("adelete_for_runs")
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        raise _no_async("acopy_thread")
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        raise _no_async("aprune")
+
+    async def aget_delta_channel_history(
+        self, *, config: RunnableConfig, channels: Sequence[str]
+    ) -> Mapping[str, DeltaChannelHistory]:
+        raise _no_async("aget_delta_channel_history")

@@ -29,16 +29,21 @@ from .base import (
     BaseKustoSaver,
     Consistency,
     IngestionWait,
+    check_list_arguments,
+    checkpoint_address,
     namespace_of,
     one_namespace,
     prune_targets,
     query_time_left,
+    reachability_explained,
+    schema_check_explained,
     string_ids,
+    thread_id_argument,
 )
 from .kusto import DEFAULT_QUERY_TIMEOUT, AsyncKustoQueries
 from .queries import Query, channel_history
-from .schema import SHOW_SCHEMA, provision_commands, schema_error, verify_schema
-from .settings import resolve
+from .schema import SHOW_SCHEMA, provision_commands, verify_schema
+from .settings import resolve_arguments
 
 T = TypeVar("T")
 
@@ -85,7 +90,7 @@ class AsyncKustoSaver(BaseKustoSaver):
         then the local defaults (``langgraph-kusto local up``). Each Kusto query is given
         up after ``query_timeout`` seconds (``KustoNetworkError``).
         """
-        settings = resolve(queue, cluster, database)
+        settings = resolve_arguments(queue, cluster, database)
         queries = AsyncKustoQueries(
             settings.cluster, settings.database, credential, query_timeout=query_timeout
         )
@@ -102,13 +107,12 @@ class AsyncKustoSaver(BaseKustoSaver):
 
     async def setup(self, *, provision: bool = False) -> None:
         """Check the schema; with ``provision=True`` apply provision.kql first."""
-        if provision:
-            for command in provision_commands():
-                await self.queries.command(command)
-        try:
-            rows = await self.queries.command(SHOW_SCHEMA)
-        except Exception as exc:
-            raise schema_error(str(exc).splitlines()[0][:200]) from exc
+        with reachability_explained():
+            if provision:
+                for command in provision_commands():
+                    await self.queries.command(command)
+            with schema_check_explained(self.queries.database):
+                rows = await self.queries.command(SHOW_SCHEMA)
         verify_schema(rows)
 
     # -- writes -------------------------------------------------------------
@@ -143,6 +147,8 @@ class AsyncKustoSaver(BaseKustoSaver):
             await self._publish(self._delete_runs_event(runs))
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        source_thread_id = thread_id_argument(source_thread_id, "source_thread_id")
+        target_thread_id = thread_id_argument(target_thread_id, "target_thread_id")
         source = await self._stored({"configurable": {"thread_id": source_thread_id}})
         await self._publish(*self._copy_events(source, target_thread_id))
 
@@ -163,20 +169,24 @@ class AsyncKustoSaver(BaseKustoSaver):
         scope = namespace_of(config)  # the walk may reach any checkpoint of it
         cached_scope = self._cached_scope(scope)
         await self._wait_ingested(self._read_wait(scope, single=True))
-        rows = await self.queries.run(channel_history(**scope["configurable"], channels=channels))
+        with reachability_explained():
+            rows = await self.queries.run(
+                channel_history(**scope["configurable"], channels=channels)
+            )
         return self._history(assemble_channel_history(rows), cached_scope, config, channels)
 
     # -- reads --------------------------------------------------------------
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        cached = self._cached_tuple(config)
+        address = checkpoint_address(config)
+        cached = self._cached_tuple(address)
         if cached is not None:
             return cached
         config = one_namespace(config)
         cached_scope = self._cached_scope(config)
         await self._wait_ingested(self._read_wait(config, single=True))
         found = self._merge(
-            await self._select(self._tuple_query(config)), cached_scope, config, None, None, 1
+            await self._select(self._tuple_query(address)), cached_scope, config, None, None, 1
         )
         return self._to_tuple(found[0]) if found else None
 
@@ -263,7 +273,8 @@ class AsyncKustoSaver(BaseKustoSaver):
     # -- I/O edges ----------------------------------------------------------
 
     async def _select(self, query: Query) -> builtins.list[StoredCheckpoint]:
-        return assemble(await self.queries.run(query))
+        with reachability_explained():
+            return assemble(await self.queries.run(query))
 
     async def _stored(
         self,
@@ -273,6 +284,7 @@ class AsyncKustoSaver(BaseKustoSaver):
         before: RunnableConfig | None = None,
         limit: int | None = None,
     ) -> builtins.list[StoredCheckpoint]:
+        check_list_arguments(config, filter, before)
         cached_scope = self._cached_scope(config)
         await self._wait_ingested(self._read_wait(config, single=False))
         query = self._list_query(config, filter, before, limit)

@@ -31,3 +31,23 @@ def resolve(
         cluster=cluster or os.environ.get(CLUSTER_ENV) or DEFAULT_CLUSTER,
         database=database or os.environ.get(DATABASE_ENV) or DEFAULT_DATABASE,
     )
+
+
+def resolve_arguments(
+    queue: str | None = None, cluster: str | None = None, database: str | None = None
+) -> Settings:
+    """``resolve`` for a saver's ``from_conn_string``, whose arguments a caller passes on
+    purpose: one given must be a non-empty string. ``resolve`` would take an empty one
+    (say, an unset setting of the app's own) as unset, and silently use the environment
+    or the local default."""
+    for name, value, env in (
+        ("queue", queue, QUEUE_ENV),
+        ("cluster", cluster, CLUSTER_ENV),
+        ("database", database, DATABASE_ENV),
+    ):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError(
+                f"{name} must be a non-empty string, or None for ${env} or the local "
+                f"default, got {value!r}"
+            )
+    return resolve(queue, cluster, database)

@@ -1,0 +1,430 @@
+"""User mistakes get a clear error that names what is wrong and says what to do, raised
+where the mistake is made: a bad config or argument before anything is sent or cached, a
+bad option when the saver is built, Kusto not running at the first read or ``setup()``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, TypedDict
+
+import pytest
+from azure.kusto.data.exceptions import KustoNetworkError, KustoServiceError
+from langgraph.checkpoint.base import empty_checkpoint
+from langgraph.checkpoint.kusto import AsyncKustoSaver, KustoSaver
+from langgraph.checkpoint.kusto.base import reachability_explained
+from langgraph.checkpoint.kusto.local.kusto_server import LocalKustoServer, start_local_kusto
+from langgraph.checkpoint.kusto.outbox import open_queue
+from langgraph.checkpoint.kusto.schema import SchemaError
+from langgraph.graph import END, START, StateGraph
+
+NOTHING_LISTENS = "http://127.0.0.1:9"
+"""A loopback cluster where nothing listens (the discard port), as when an app starts
+before ``langgraph-kusto local up``; tests that must fail before any query use it too, so
+a mistake that got through would surface as ``KustoNetworkError`` instead."""
+THREAD_ID_MESSAGE = r"config\['configurable'\]\['thread_id'\] must be a non-empty string"
+
+
+@pytest.fixture
+def queue_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'outbox.db'}"
+
+
+@pytest.fixture
+def saver(queue_url: str) -> Iterator[KustoSaver]:
+    with KustoSaver.from_conn_string(queue_url, NOTHING_LISTENS) as built:
+        yield built
+
+
+def _queued(queue_url: str) -> int:
+    queue = open_queue(queue_url)
+    try:
+        return queue.depth()
+    finally:
+        queue.close()
+
+
+def _put(saver: KustoSaver, configurable: dict[str, Any]) -> Any:
+    return saver.put({"configurable": configurable}, empty_checkpoint(), {}, {})
+
+
+# -- configs: checked the same way in every mode, cached or not --------------------
+
+
+@pytest.mark.parametrize("consistency", ["session", "eventual", "strong"])
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {},
+            r"config must be a dict whose 'configurable' dict names the thread "
+            r"\('thread_id'\), got \{\}",
+        ),
+        ({"configurable": {}}, THREAD_ID_MESSAGE + ", got None"),
+        ({"configurable": {"thread_id": ["t1"]}}, THREAD_ID_MESSAGE + r", got \['t1'\]"),
+        ({"configurable": {"thread_id": ""}}, THREAD_ID_MESSAGE + ", got ''"),
+        (
+            {"configurable": {"thread_id": "t1", "checkpoint_ns": 5}},
+            r"config\['configurable'\]\['checkpoint_ns'\] must be a string, got 5",
+        ),
+        (
+            {"configurable": {"thread_id": "t1", "checkpoint_id": 5}},
+            r"config\['configurable'\]\['checkpoint_id'\] must be a string, got 5",
+        ),
+    ],
+    ids=[
+        "no configurable",
+        "no thread_id",
+        "list thread_id",
+        "empty thread_id",
+        "int namespace",
+        "int checkpoint_id",
+    ],
+)
+def test_get_tuple_names_the_config_key_that_is_wrong_in_every_mode(
+    queue_url: str, consistency: str, config: Any, message: str
+) -> None:
+    """``session`` read the cache before checking the config: a missing thread id was a bare
+    KeyError, a list one "unhashable type", a non-string namespace or id a silent miss."""
+    with KustoSaver.from_conn_string(queue_url, NOTHING_LISTENS, consistency=consistency) as s:
+        if consistency == "session":  # a thread in the cache: reads take the cache path
+            _put(s, {"thread_id": "t1"})
+        with pytest.raises(ValueError, match=message):
+            s.get_tuple(config)
+
+
+async def test_aget_tuple_names_the_missing_thread_id_before_the_cache(queue_url: str) -> None:
+    async with AsyncKustoSaver.from_conn_string(queue_url, NOTHING_LISTENS) as saver:
+        with pytest.raises(ValueError, match=THREAD_ID_MESSAGE + ", got None"):
+            await saver.aget_tuple({"configurable": {}})
+
+
+@pytest.mark.parametrize(
+    ("configurable", "message"),
+    [
+        (
+            {"thread_id": "t1", "checkpoint_ns": 5},
+            r"config\['configurable'\]\['checkpoint_ns'\] must be a string, got 5",
+        ),
+        (
+            {"thread_id": "t1", "checkpoint_ns": ["a"]},
+            r"config\['configurable'\]\['checkpoint_ns'\] must be a string, got \['a'\]",
+        ),
+        (
+            {"thread_id": "t1", "checkpoint_id": 7},
+            r"config\['configurable'\]\['checkpoint_id'\] must be a string, got 7",
+        ),
+    ],
+    ids=["int namespace", "list namespace", "int parent id"],
+)
+def test_put_refuses_a_non_string_namespace_or_parent_id_before_sending(
+    saver: KustoSaver, queue_url: str, configurable: dict[str, Any], message: str
+) -> None:
+    """Such a put was sent, served back from the cache, then dead-lettered by the worker
+    as a malformed envelope, which no replay can fix."""
+    with pytest.raises(ValueError, match=message):
+        _put(saver, configurable)
+    assert _queued(queue_url) == 0
+
+
+def test_put_writes_refuses_a_non_string_namespace_or_checkpoint_id(
+    saver: KustoSaver, queue_url: str
+) -> None:
+    with pytest.raises(ValueError, match=r"\['checkpoint_ns'\] must be a string, got 5"):
+        saver.put_writes(
+            {"configurable": {"thread_id": "t1", "checkpoint_ns": 5, "checkpoint_id": "c"}},
+            [("a", 1)],
+            "task",
+        )
+    with pytest.raises(ValueError, match=r"\['checkpoint_id'\] must be a string, got 7"):
+        saver.put_writes({"configurable": {"thread_id": "t1", "checkpoint_id": 7}}, [("a", 1)], "t")
+    with pytest.raises(ValueError, match=r"\['checkpoint_id'\] must be a non-empty string, got N"):
+        saver.put_writes({"configurable": {"thread_id": "t1"}}, [("a", 1)], "t")
+    assert _queued(queue_url) == 0
+
+
+def test_a_namespace_of_none_still_means_the_root_namespace(saver: KustoSaver) -> None:
+    written = _put(saver, {"thread_id": "t1", "checkpoint_ns": None})
+    assert written["configurable"]["checkpoint_ns"] == ""
+    found = saver.get_tuple({"configurable": {"thread_id": "t1", "checkpoint_ns": None}})
+    assert found is not None and found.config == written
+
+
+# -- other method arguments -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda s: s.delete_thread(""), ValueError, "thread_id must be a non-empty string"),
+        (
+            lambda s: s.prune([""], strategy="delete"),
+            ValueError,
+            "thread_ids must not contain an empty string",
+        ),
+        (
+            lambda s: list(s.list(None, filter="x")),
+            TypeError,
+            "filter must be a dict of metadata keys to values, got str",
+        ),
+        (
+            lambda s: list(s.list(None, before={"configurable": {"checkpoint_id": 5}})),
+            ValueError,
+            r"before\['configurable'\]\['checkpoint_id'\] must be a string, got 5",
+        ),
+        (
+            lambda s: list(s.list({"configurable": {"thread_id": 123}})),
+            ValueError,
+            THREAD_ID_MESSAGE + ", got 123",
+        ),
+        (lambda s: s.copy_thread(5, "t9"), TypeError, "source_thread_id must be a string"),
+        (lambda s: s.copy_thread("t1", 5), TypeError, "target_thread_id must be a string"),
+        (lambda s: s.copy_thread("t1", ""), ValueError, "target_thread_id must be a non-empty"),
+    ],
+    ids=[
+        "delete_thread empty",
+        "prune empty",
+        "list str filter",
+        "list int before id",
+        "list int thread_id",
+        "copy int source",
+        "copy int target",
+        "copy empty target",
+    ],
+)
+def test_method_arguments_are_named_when_wrong(
+    saver: KustoSaver, queue_url: str, call: Any, error: type[Exception], message: str
+) -> None:
+    """These leaked the queue's "session_id must not be empty", an AttributeError, a Kusto
+    binder error, or (``copy_thread(5, ...)``) silently did nothing."""
+    with pytest.raises(error, match=message):
+        call(saver)
+    assert _queued(queue_url) == 0
+
+
+async def test_async_method_arguments_are_named_when_wrong(queue_url: str) -> None:
+    async with AsyncKustoSaver.from_conn_string(queue_url, NOTHING_LISTENS) as saver:
+        with pytest.raises(ValueError, match="thread_id must be a non-empty string"):
+            await saver.adelete_thread("")
+        with pytest.raises(TypeError, match="source_thread_id must be a string"):
+            await saver.acopy_thread(5, "t9")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="filter must be a dict"):
+            [t async for t in saver.alist(None, filter="x")]  # type: ignore[arg-type]
+    assert _queued(queue_url) == 0
+
+
+# -- the sync saver's async methods -------------------------------------------------
+
+
+async def _drain(items: AsyncIterator[Any]) -> list[Any]:
+    return [item async for item in items]
+
+
+class _Count(TypedDict):
+    n: int
+
+
+def test_a_graph_run_with_ainvoke_on_the_sync_saver_points_at_the_async_saver(
+    saver: KustoSaver,
+) -> None:
+    """It raised LangGraph's bare ``NotImplementedError`` with an empty message."""
+    builder = StateGraph(_Count)
+    builder.add_node("inc", lambda state: {"n": state["n"] + 1})
+    builder.add_edge(START, "inc")
+    builder.add_edge("inc", END)
+    graph = builder.compile(checkpointer=saver)
+    with pytest.raises(NotImplementedError, match=r"Use AsyncKustoSaver for graph\.ainvoke"):
+        asyncio.run(graph.ainvoke({"n": 1}, {"configurable": {"thread_id": "g1"}}))
+
+
+@pytest.mark.parametrize(
+    ("method", "call"),
+    [
+        ("aget_tuple", lambda s: s.aget_tuple({"configurable": {"thread_id": "t"}})),
+        ("aput", lambda s: s.aput({"configurable": {"thread_id": "t"}}, {}, {}, {})),
+        ("aput_writes", lambda s: s.aput_writes({"configurable": {}}, [], "task")),
+        ("adelete_thread", lambda s: s.adelete_thread("t")),
+        ("adelete_for_runs", lambda s: s.adelete_for_runs(["r"])),
+        ("acopy_thread", lambda s: s.acopy_thread("t", "u")),
+        ("aprune", lambda s: s.aprune(["t"])),
+        (
+            "aget_delta_channel_history",
+            lambda s: s.aget_delta_channel_history(config={}, channels=["c"]),
+        ),
+        ("alist", lambda s: _drain(s.alist(None))),
+    ],
+)
+def test_every_async_method_of_the_sync_saver_points_at_the_async_saver(
+    saver: KustoSaver, method: str, call: Any
+) -> None:
+    with pytest.raises(NotImplementedError, match=rf"async methods \({method}\)\. Use Async"):
+        asyncio.run(call(saver))
+
+
+# -- options: checked when the saver is built ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"strong_timeout": "10"},
+            "strong_timeout must be a finite number of seconds above 0, got '10'",
+        ),
+        ({"strong_timeout": -1}, "strong_timeout must be .* above 0, got -1"),
+        ({"strong_timeout": 0}, "strong_timeout must be .* above 0, got 0"),
+        ({"strong_timeout": float("nan")}, "strong_timeout must be .* above 0, got nan"),
+        ({"max_message_bytes": 0}, "max_message_bytes must be an integer of at least 1,024"),
+        ({"max_message_bytes": 10}, "max_message_bytes must be an integer of at least 1,024"),
+        ({"max_message_bytes": 4096.0}, "max_message_bytes must be an integer of at least"),
+        ({"cache_max_entries": "100"}, "cache_max_entries must be an integer of at least 1, got"),
+        ({"cache_max_entries": -1}, "cache_max_entries must be an integer of at least 1, got -1"),
+        ({"cache_max_bytes": 0}, "cache_max_bytes must be an integer of at least 1, got 0"),
+        (
+            {"consistency": "strong", "cache_max_entries": 5},
+            "cache_max_entries: only consistency='session' has a read cache to bound, got "
+            "consistency='strong'",
+        ),
+        (
+            {"consistency": "eventual", "cache_max_entries": 5, "cache_max_bytes": 10_000},
+            "cache_max_entries and cache_max_bytes: only consistency='session' has a read "
+            "cache to bound, got consistency='eventual'",
+        ),
+    ],
+    ids=[
+        "timeout str",
+        "timeout negative",
+        "timeout zero",
+        "timeout nan",
+        "message bytes zero",
+        "message bytes small",
+        "message bytes float",
+        "entries str",
+        "entries negative",
+        "bytes zero",
+        "strong with cache bound",
+        "eventual with cache bounds",
+    ],
+)
+def test_saver_options_are_checked_when_the_saver_is_built(
+    queue_url: str, options: dict[str, Any], message: str
+) -> None:
+    """They failed at the first read or put (a TypeError from deep inside), were silently
+    accepted (a negative timeout, cache bounds of a saver without a cache), or named no
+    option ("cache bounds must be positive")."""
+    with (
+        pytest.raises(ValueError, match=message),
+        KustoSaver.from_conn_string(queue_url, NOTHING_LISTENS, **options),
+    ):
+        pass
+
+
+async def test_async_saver_options_are_checked_when_the_saver_is_built(queue_url: str) -> None:
+    with pytest.raises(ValueError, match="strong_timeout must be a finite number of seconds"):
+        async with AsyncKustoSaver.from_conn_string(queue_url, strong_timeout="10"):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ({"queue": ""}, r"queue must be a non-empty string, or None for \$LANGGRAPH_KUSTO_QUEUE"),
+        ({"cluster": ""}, r"cluster must be a non-empty string, or None for \$LANGGRAPH_KUSTO_"),
+        ({"database": " "}, r"database must be a non-empty string, or None for \$LANGGRAPH_KUS"),
+    ],
+    ids=["queue", "cluster", "database"],
+)
+async def test_an_empty_connection_argument_is_refused_not_replaced_by_the_default(
+    where: dict[str, str], message: str, queue_url: str
+) -> None:
+    arguments = {"queue": queue_url, "cluster": NOTHING_LISTENS, **where}
+    with pytest.raises(ValueError, match=message), KustoSaver.from_conn_string(**arguments):
+        pass
+    with pytest.raises(ValueError, match=message):
+        async with AsyncKustoSaver.from_conn_string(**arguments):
+            pass
+
+
+# -- Kusto not running, or not what the saver expects ---------------------------------
+
+NOT_RUNNING = (
+    r"The local Kusto server is not running at http://127\.0\.0\.1:9 \(or does not answer\): "
+    r"start it with `langgraph-kusto local up`\."
+)
+
+
+def test_the_first_read_without_the_local_server_says_to_start_it(saver: KustoSaver) -> None:
+    """It was a raw "Failed to process network request for the endpoint" with no hint;
+    the type stays, as callers may catch it."""
+    with pytest.raises(KustoNetworkError, match=NOT_RUNNING) as raised:
+        saver.get_tuple({"configurable": {"thread_id": "t1"}})
+    assert str(raised.value).startswith("Failed to process network request for the endpoint")
+    with pytest.raises(KustoNetworkError, match=NOT_RUNNING):
+        list(saver.list({"configurable": {"thread_id": "t1"}}))
+
+
+async def test_the_first_async_read_without_the_local_server_says_to_start_it(
+    queue_url: str,
+) -> None:
+    async with AsyncKustoSaver.from_conn_string(queue_url, NOTHING_LISTENS) as saver:
+        with pytest.raises(KustoNetworkError, match=NOT_RUNNING):
+            await saver.aget_tuple({"configurable": {"thread_id": "t1"}})
+        with pytest.raises(KustoNetworkError, match=NOT_RUNNING):
+            await saver.aget_delta_channel_history(
+                config={"configurable": {"thread_id": "t1"}}, channels=["c"]
+            )
+
+
+def test_a_remote_cluster_that_does_not_answer_is_named_without_the_local_advice() -> None:
+    with (
+        pytest.raises(KustoNetworkError, match=r"Kusto at https://c\.kusto\.windows\.net did n"),
+        reachability_explained(),
+    ):
+        raise KustoNetworkError("https://c.kusto.windows.net/v2/rest/query")
+
+
+def test_setup_says_the_local_server_is_not_running_not_that_the_table_is_missing(
+    saver: KustoSaver,
+) -> None:
+    with pytest.raises(KustoNetworkError, match=NOT_RUNNING):
+        saver.setup()
+
+
+async def test_async_setup_says_the_local_server_is_not_running(queue_url: str) -> None:
+    async with AsyncKustoSaver.from_conn_string(queue_url, NOTHING_LISTENS) as saver:
+        with pytest.raises(KustoNetworkError, match=NOT_RUNNING):
+            await saver.setup()
+
+
+async def test_setup_names_a_database_kusto_does_not_know(
+    kusto_server: LocalKustoServer, queue_url: str
+) -> None:
+    """An unknown database was reported as "table CheckpointEvents is missing or out of
+    date ... Run langgraph-kusto provision", which cannot create a database."""
+    message = r"Check the database name 'nosuch' \(database= or LANGGRAPH_KUSTO_DATABASE\)"
+    with KustoSaver.from_conn_string(queue_url, kusto_server.url, "nosuch") as saver:
+        with pytest.raises(KustoServiceError, match=message) as raised:
+            saver.setup()
+        assert not isinstance(raised.value, SchemaError)
+    async with AsyncKustoSaver.from_conn_string(queue_url, kusto_server.url, "nosuch") as aio:
+        with pytest.raises(KustoServiceError, match=message):
+            await aio.setup()
+
+
+async def test_setup_still_says_to_provision_when_the_table_is_missing(
+    tmp_path: Path, queue_url: str
+) -> None:
+    server = start_local_kusto(tmp_path / "kusto", port=0)
+    message = r"table CheckpointEvents is missing or out of date .*\. Run `langgraph-kusto provis"
+    try:
+        with (
+            KustoSaver.from_conn_string(queue_url, server.url) as saver,
+            pytest.raises(SchemaError, match=message),
+        ):
+            saver.setup()
+        async with AsyncKustoSaver.from_conn_string(queue_url, server.url) as aio:
+            with pytest.raises(SchemaError, match=message):
+                await aio.setup()
+    finally:
+        server.close()
