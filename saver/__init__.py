@@ -48,7 +48,7 @@ from .base import (
     thread_id_argument,
 )
 from .kusto import DEFAULT_QUERY_TIMEOUT, KustoQueries
-from .queries import Query, channel_history
+from .queries import Query, channel_history, newest_seq
 from .schema import SHOW_SCHEMA, apply_provision, verify_schema
 from .settings import resolve_arguments
 
@@ -157,6 +157,9 @@ class KustoSaver(BaseKustoSaver):
 
     def delete_thread(self, thread_id: str) -> None:
         refuse_event_loop_thread()
+        if self.consistency is Consistency.STRONG:  # rows of replicas whose clocks run ahead
+            checked = thread_id_argument(thread_id, "thread_id")
+            self._observe_newest(self.queries.run(newest_seq(checked)))
         self._publish(self._delete_thread_event(thread_id))
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:

@@ -41,7 +41,7 @@ from .base import (
     thread_id_argument,
 )
 from .kusto import DEFAULT_QUERY_TIMEOUT, AsyncKustoQueries
-from .queries import Query, channel_history
+from .queries import Query, channel_history, newest_seq
 from .schema import SHOW_SCHEMA, provision_commands, verify_schema
 from .settings import resolve_arguments
 
@@ -140,6 +140,9 @@ class AsyncKustoSaver(BaseKustoSaver):
             await self._publish(event)
 
     async def adelete_thread(self, thread_id: str) -> None:
+        if self.consistency is Consistency.STRONG:  # rows of replicas whose clocks run ahead
+            checked = thread_id_argument(thread_id, "thread_id")
+            self._observe_newest(await self.queries.run(newest_seq(checked)))
         await self._publish(self._delete_thread_event(thread_id))
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:

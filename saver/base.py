@@ -352,6 +352,12 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             **fields,
         )
 
+    def _observe_newest(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Kusto's answer to ``newest_seq``: what this process writes next sorts after it."""
+        newest = rows[0].get("NewestSeq") if rows else None
+        if newest is not None:
+            self._clock.observe(int(newest))
+
     def _delete_thread_event(self, thread_id: str) -> Event:
         return self._new_event(
             EventKind.DELETE_THREAD,
@@ -659,6 +665,11 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         """Kusto's answer plus what this process wrote but Kusto lacks (``cached``, from
         ``_cached_scope``), minus what it deleted."""
         merged: dict[tuple[str, str, str], StoredCheckpoint] = {}
+        from_kusto = list(from_kusto)
+        if from_kusto:
+            # A Lamport clock across processes: what this process writes after reading
+            # sorts after what it read, even when the writer's clock ran ahead of ours.
+            self._clock.observe(max(stored.checkpoint.seq for stored in from_kusto))
         for stored in from_kusto:
             if self._visible(stored):
                 merged[stored.key] = stored

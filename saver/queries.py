@@ -204,6 +204,19 @@ def _filter_pairs(metadata_filter: Mapping[str, Any]) -> list[str]:
     return metadata_pairs(metadata_filter)
 
 
+NEWEST_SEQ = """\
+{table}
+| where ThreadId == thread_id
+| summarize NewestSeq = max(EventSeq)"""
+
+
+def newest_seq(thread_id: str) -> Query:
+    """The highest ``EventSeq`` Kusto holds of a thread (null if none): a ``strong`` delete
+    is stamped above it, so it hides what other processes wrote before it even when their
+    clocks run ahead of this one's."""
+    return _declared(NEWEST_SEQ.format(table=TABLE), {"thread_id": thread_id})
+
+
 INGESTED_EVENTS = """\
 let Mine = {table}
     | where EventId startswith publisher;

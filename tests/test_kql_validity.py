@@ -58,6 +58,7 @@ from langgraph.checkpoint.kusto.queries import (
     VISIBLE_CHECKPOINTS,
     channel_history,
     ingested_events,
+    newest_seq,
     select_checkpoints,
 )
 from langgraph.checkpoint.kusto.schema import provision_commands
@@ -118,6 +119,10 @@ def channel_history_renderings() -> Iterator[Rendering]:
         yield f"channel_history({len(channels)} channels)", query.text
 
 
+def newest_seq_renderings() -> Iterator[Rendering]:
+    yield "newest_seq", newest_seq("thread-1").text
+
+
 def visible_checkpoints_renderings() -> Iterator[Rendering]:
     """The shared visibility prelude on its own, ending in the table it defines."""
     declare = (
@@ -134,6 +139,7 @@ BUILDERS: dict[str, Callable[[], Iterator[Rendering]]] = {
     "langgraph.checkpoint.kusto.queries.SELECT_CHECKPOINTS": select_checkpoints_renderings,
     "langgraph.checkpoint.kusto.queries.INGESTED_EVENTS": ingested_events_renderings,
     "langgraph.checkpoint.kusto.queries.CHANNEL_HISTORY": channel_history_renderings,
+    "langgraph.checkpoint.kusto.queries.NEWEST_SEQ": newest_seq_renderings,
     "langgraph.checkpoint.kusto.queries.VISIBLE_CHECKPOINTS": visible_checkpoints_renderings,
 }
 

@@ -18,6 +18,7 @@ from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor
 from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
 from langgraph.checkpoint.kusto.outbox import open_queue
 from langgraph.checkpoint.kusto.queries import Query, select_checkpoints
+from langgraph.checkpoint.kusto.shared.ids import SequenceClock
 from langgraph.checkpoint.serde.encrypted import EncryptedSerializer
 
 
@@ -449,3 +450,75 @@ def test_run_ids_and_thread_ids_may_come_from_an_iterator(stack: Any, private_qu
         assert saver.get_tuple(config) is None
     with _eventual(stack, private_queue) as other:
         assert other.get_tuple(config) is None
+
+
+class _ClockBehind(SequenceClock):
+    """The sequence clock of a replica whose wall clock runs 200 ms behind the others'."""
+
+    def next(self) -> int:
+        with self._lock:
+            self._last = max(time.time_ns() - 200_000_000, self._last + 1)
+            return self._last
+
+
+def test_a_strong_delete_from_a_replica_whose_clock_runs_behind_still_deletes(
+    stack: Any, private_queue: str, start_worker: Any
+) -> None:
+    """A delete hides rows with a smaller sequence. Stamped by a clock 200 ms behind, a
+    strong delete made right after another replica's write hid nothing: both replicas read
+    the deleted state back. A strong delete is now stamped above the thread's newest row."""
+    start_worker(private_queue)
+    thread_id = f"skew-{uuid.uuid4().hex[:8]}"
+    config = {"configurable": {"thread_id": thread_id}}
+    strong = (private_queue, stack.cluster, stack.database)
+    with (
+        KustoSaver.from_conn_string(*strong, consistency="strong") as writer,
+        KustoSaver.from_conn_string(*strong, consistency="strong") as deleter,
+    ):
+        deleter._clock = _ClockBehind()
+        _put(writer, thread_id, {"secret": "pii"})
+        deleter.delete_thread(thread_id)
+        assert deleter.get_tuple(config) is None
+        assert writer.get_tuple(config) is None
+
+
+def test_a_delete_after_reading_a_thread_sorts_after_what_was_read(
+    stack: Any, private_queue: str, start_worker: Any
+) -> None:
+    """Reads advance the clock past the rows they return (a Lamport clock), so a session
+    replica that read a thread and then deleted it hides what it read, whatever its clock."""
+    start_worker(private_queue)
+    thread_id = f"skew-read-{uuid.uuid4().hex[:8]}"
+    config = {"configurable": {"thread_id": thread_id}}
+    with (
+        KustoSaver.from_conn_string(
+            private_queue, stack.cluster, stack.database, consistency="strong"
+        ) as writer,
+        KustoSaver.from_conn_string(private_queue, stack.cluster, stack.database) as deleter,
+    ):
+        deleter._clock = _ClockBehind()
+        _put(writer, thread_id, {"secret": "pii"})
+        assert deleter.get_tuple(config) is not None
+        deleter.delete_thread(thread_id)
+        deleter.wait_for_ingestion(timeout=30)
+        with _eventual(stack, private_queue) as reader:
+            assert reader.get_tuple(config) is None
+
+
+async def test_an_async_strong_delete_from_a_replica_whose_clock_runs_behind_still_deletes(
+    stack: Any, private_queue: str, start_worker: Any
+) -> None:
+    start_worker(private_queue)
+    thread_id = f"skew-async-{uuid.uuid4().hex[:8]}"
+    config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+    strong = (private_queue, stack.cluster, stack.database)
+    async with (
+        AsyncKustoSaver.from_conn_string(*strong, consistency="strong") as writer,
+        AsyncKustoSaver.from_conn_string(*strong, consistency="strong") as deleter,
+    ):
+        deleter._clock = _ClockBehind()
+        checkpoint = _checkpoint({"secret": "pii"})
+        await writer.aput(config, checkpoint, {"step": 0}, checkpoint["channel_versions"])
+        await deleter.adelete_thread(thread_id)
+        assert await deleter.aget_tuple(config) is None
+        assert await writer.aget_tuple(config) is None
