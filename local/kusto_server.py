@@ -1967,7 +1967,7 @@ class LocalKustoRestServer(KustoRestServer):
             try:
                 self.run(command)
                 rows.append([uuid.uuid4(), kind, command, "Completed", ""])
-            except Exception as exc:
+            except (Exception, _TransientEngineFailure) as exc:  # the engine's: "Failed" too
                 if throw:
                     raise CommandError(f"script command failed: {command[:120]!r}: {exc}") from None
                 failed = True

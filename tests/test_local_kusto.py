@@ -572,6 +572,35 @@ def test_an_engine_failure_in_a_query_or_command_is_transient_and_bad_kql_stays_
     assert "NoSuchColumn" in api_error(bad_kql).description
 
 
+def test_an_engine_failure_inside_a_script_fails_only_its_command(
+    client: KustoClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within `.execute database script` an engine failure is that command's "Failed"
+    row. It failed the whole script as retryable, after the commands before it had been
+    applied, so the client's retry applied them twice."""
+    mgmt(client, ".create table Letters (s:string)")
+    real_insert = kusto_server._insert_rows
+    inserts = 0
+
+    def second_insert_fails(*args: Any) -> None:
+        nonlocal inserts
+        inserts += 1
+        if inserts == 2:
+            raise duckdb.IOException(DISK_FULL)
+        real_insert(*args)
+
+    monkeypatch.setattr(kusto_server, "_insert_rows", second_insert_fails)
+    results = mgmt(
+        client,
+        ".execute database script with (ContinueOnErrors=true) <|\n"
+        ".ingest inline into table Letters <| a\n"
+        ".ingest inline into table Letters <| b\n"
+        ".ingest inline into table Letters <| c",
+    )
+    assert [r["Result"] for r in results] == ["Completed", "Failed", "Completed"]
+    assert [r["s"] for r in query(client, "Letters | order by s asc")] == ["a", "c"]
+
+
 def test_a_queued_blob_the_engine_fails_on_is_retried_not_reported_failed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
