@@ -374,6 +374,9 @@ class Worker:
         self.metrics = metrics or WorkerMetrics()
         self.totals = WorkerTotals()
         self._held: dict[str, _PendingEvent] = {}
+        self._waiting_since: float | None = None
+        """Since when the batch in hand waits for Kusto to come back (monotonic)."""
+        self._events_waiting = 0
         self._notes: dict[str, dict[str, Any]] = {}
         """This cycle's dead-letter notes (event id -> row), ingested once it is settled."""
         self._renewer = LockRenewer(
@@ -444,11 +447,15 @@ class Worker:
         status = self._state
         if status == "running" and since > self.max_lock_renewal:
             status = "stalled"
+        waiting = 0.0 if self._waiting_since is None else time.monotonic() - self._waiting_since
         return {
             "status": status,
+            # Waiting for Kusto is healthy: a restart would give the batch back and spend
+            # a delivery of each of its events, and the next worker would wait the same.
             "healthy": status == "running",
             "seconds_since_progress": round(since, 3),
-            "events_held": len(self._held),
+            "seconds_waiting_for_kusto": round(waiting, 3),
+            "events_held": len(self._held) + self._events_waiting,
             "operations": self.totals.operations,
             "events_ingested": self.totals.events_ingested,
             "events_dead_lettered": self.totals.events_dead_lettered,
@@ -479,8 +486,15 @@ class Worker:
         for index, operation in enumerate(operations):
             gave_up = self._ingest_isolating(operation, result)
             while gave_up is not None and self._kusto_unavailable(gave_up):
+                in_hand = operations[index:]
+                if self._waiting_since is None:
+                    self._waiting_since = time.monotonic()
+                self._events_waiting = sum(1 for op in in_hand for p in op if not p.settled)
                 self._renewer.keep_alive()
-                gave_up = self._ingest_isolating([p for p in operation if not p.settled], result)
+                self._drop_lost_sessions(in_hand)
+                remaining = [p for p in operation if not p.settled]
+                gave_up = self._ingest_isolating(remaining, result) if remaining else None
+            self._waiting_since, self._events_waiting = None, 0
             if gave_up is not None:
                 # Later events of the same threads must not overtake the ones given back.
                 unsettled = [p for op in operations[index:] for p in op if not p.settled]
@@ -794,15 +808,17 @@ class Worker:
             "events given back to the queue", extra={"events": len(events), "cause": cause}
         )
 
-    def _drop_lost_sessions(self) -> None:
-        """Let go of sessions whose locks were lost: another consumer may own them now, and
-        ingesting what we still hold of them could overtake its work."""
+    def _drop_lost_sessions(self, in_hand: Sequence[list[_PendingEvent]] = ()) -> None:
+        """Let go of sessions whose locks were lost, in what is held and in the operations
+        ``in_hand``: another consumer may own them now, and ingesting what we still hold of
+        them could overtake its work."""
         lost = self._renewer.take_lost_sessions()
         if not lost:
             return
         dropped = [p for p in self._held.values() if p.session_id in lost]
         for pending in dropped:
             del self._held[pending.event_id]
+        dropped += [p for op in in_hand for p in op if not p.settled and p.session_id in lost]
         self._abandon(dropped, "lock_lost", CycleResult())
 
     def release_held(self) -> None:

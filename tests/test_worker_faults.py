@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -38,7 +39,7 @@ from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor, enc
 from langgraph.checkpoint.kusto.ingestor_worker.metrics import WorkerMetrics
 from langgraph.checkpoint.kusto.ingestor_worker.retry import RetryPolicy
 from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
-from langgraph.checkpoint.kusto.outbox import OutboxError, OutboxMessage
+from langgraph.checkpoint.kusto.outbox import LockLostError, OutboxError, OutboxMessage
 from langgraph.checkpoint.kusto.outbox.sqlite import SqliteQueue
 from langgraph.checkpoint.kusto.shared.envelope import encode_event
 from langgraph.checkpoint.kusto.shared.framing import Frame, encode_frame, split_frames
@@ -222,6 +223,73 @@ def test_a_missing_database_is_named_in_the_log_and_its_events_are_kept(
 
 def _kusto_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.kusto_message for r in caplog.records if hasattr(r, "kusto_message")]
+
+
+class _DownUntil:
+    """An ingestor whose Kusto refuses connections until ``up_at`` (monotonic); records
+    which events it ingested."""
+
+    def __init__(self, up_at: float, ingested: list[str]) -> None:
+        self.up_at = up_at
+        self.ingested = ingested
+
+    def ingest(self, rows: Any, encoded: bytes | None = None) -> None:
+        if time.monotonic() < self.up_at:
+            raise ConnectionError("Kusto is unreachable")
+        self.ingested.extend(sorted({row["EventId"] for row in rows}))
+
+
+def test_a_session_lost_while_waiting_for_kusto_is_let_go_and_ingested_once(
+    private_queue: str,
+) -> None:
+    """Kusto is down for 4 s and the worker holds its batch; meanwhile its lock on one
+    thread's session is lost and a second worker takes that thread. The first worker let
+    go of nothing and ingested that thread's events too: each twice. Its health said
+    nothing was held."""
+    published = build_checkpoints(["lost-a", "kept-b"], 2)
+    send_all(private_queue, published.messages)
+    up_at = time.monotonic() + 4.0
+    first_ingested: list[str] = []
+    second_ingested: list[str] = []
+    policy = RetryPolicy(max_attempts=2, initial_backoff=0.05, max_backoff=0.1, attempt_timeout=1)
+    first_queue = SqliteQueue.from_url(private_queue, lock_duration=1.0)
+    renew = first_queue.renew_locks
+    lose_once = [True]
+
+    def renew_losing_thread_a(messages: Any) -> list[float]:
+        if lose_once and any(m.session_id == "lost-a" for m in messages):
+            lose_once.clear()  # as after a Service Bus failover
+            lost = [m.sequence_number for m in messages if m.session_id == "lost-a"]
+            raise LockLostError("session lock lost", lost)
+        return renew(messages)
+
+    first_queue.renew_locks = renew_losing_thread_a  # type: ignore[method-assign]
+    first = Worker(first_queue, _DownUntil(up_at, first_ingested), retry=policy)
+    first._renewer.start()
+    cycle = threading.Thread(target=first.run_once)
+    cycle.start()
+    second_queue = SqliteQueue.from_url(private_queue, lock_duration=5.0)
+    second = Worker(second_queue, _DownUntil(up_at, second_ingested), retry=policy)
+    try:
+        time.sleep(1.0)
+        health = first.health()
+        # At least the kept thread's 2 events (the lost thread's may be let go already).
+        assert health["events_held"] >= 2 and health["seconds_waiting_for_kusto"] > 0, health
+        time.sleep(1.0)  # the lost session's locks lapse
+        second._renewer.start()
+        second.run_once()
+        cycle.join(timeout=30)
+        assert not cycle.is_alive()
+    finally:
+        first._renewer.stop()
+        second._renewer.stop()
+    by_thread = {e.event_id: e.thread_id for e in published.events}
+    assert sorted(first_ingested + second_ingested) == sorted(by_thread)
+    assert {by_thread[e] for e in first_ingested} == {"kept-b"}
+    assert {by_thread[e] for e in second_ingested} == {"lost-a"}
+    assert first.health()["seconds_waiting_for_kusto"] == 0
+    first_queue.close()
+    second_queue.close()
 
 
 class _FailingOnCalls:
