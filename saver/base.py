@@ -325,8 +325,18 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         checkpoint_id = _require_str(
             config["configurable"].get("checkpoint_id"), "config['configurable']['checkpoint_id']"
         )
+        if not isinstance(task_id, str) or not isinstance(task_path, str):
+            # The worker would refuse the event as malformed, and no replay could fix it.
+            raise ValueError(
+                f"task_id and task_path must be strings, got {task_id!r} and {task_path!r}"
+            )
         serialized = []
-        for idx, (channel, value) in enumerate(writes):
+        for idx, write in enumerate(writes):
+            if not (
+                isinstance(write, tuple | list) and len(write) == 2 and isinstance(write[0], str)
+            ):
+                raise ValueError(f"writes must be (channel, value) pairs, got {write!r} at {idx}")
+            channel, value = write
             value_type, data = self.serde.dumps_typed(value)
             serialized.append(
                 Write(

@@ -144,6 +144,21 @@ def test_put_writes_refuses_a_non_string_namespace_or_checkpoint_id(
     assert _queued(queue_url) == 0
 
 
+def test_put_writes_refuses_what_the_worker_would_dead_letter_as_malformed(
+    saver: KustoSaver, queue_url: str
+) -> None:
+    """A non-string task id or channel was published, then dead-lettered as
+    MalformedEnvelope, which no replay fixes."""
+    config = {"configurable": {"thread_id": "t1", "checkpoint_id": "c"}}
+    with pytest.raises(ValueError, match="task_id and task_path must be strings, got 5"):
+        saver.put_writes(config, [("a", 1)], 5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"writes must be \(channel, value\) pairs, got \(7, 1\)"):
+        saver.put_writes(config, [(7, 1)], "t")  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"pairs, got \('a',\) at 0"):
+        saver.put_writes(config, [("a",)], "t")  # type: ignore[list-item]
+    assert _queued(queue_url) == 0
+
+
 def test_a_namespace_of_none_still_means_the_root_namespace(saver: KustoSaver) -> None:
     written = _put(saver, {"thread_id": "t1", "checkpoint_ns": None})
     assert written["configurable"]["checkpoint_ns"] == ""
