@@ -21,6 +21,7 @@ from azure.kusto.data.exceptions import (
     KustoServiceError,
     KustoThrottlingError,
 )
+from langgraph.checkpoint.kusto.kusto import http_status
 from tenacity import (
     RetryCallState,
     RetryError,
@@ -179,8 +180,7 @@ def classify(exc: BaseException) -> IngestFailure:
 
 
 def _classify_service_error(exc: KustoServiceError) -> IngestFailure:
-    response = exc.get_raw_http_response()
-    status = getattr(response, "status_code", None) or getattr(response, "status", None)
+    status = http_status(exc)
     api = exc.get_api_error() if isinstance(exc, KustoApiError) else None
     code = api.code if api is not None else None
     detail = _truncate((api.description or api.message or "") if api is not None else str(exc))

@@ -90,14 +90,21 @@ def checked_query_timeout(query_timeout: float) -> float:
     return float(query_timeout)
 
 
+def http_status(error: KustoServiceError) -> int | None:
+    """The HTTP status of Kusto's answer (the sync SDK's response has ``status_code``, the
+    async one's ``status``), or ``None`` without a response."""
+    response = error.get_raw_http_response()
+    status = getattr(response, "status_code", None) or getattr(response, "status", None)
+    return int(status) if status is not None else None
+
+
 def is_transient(error: Exception) -> bool:
     """Whether a query failed because Kusto did not answer (unreachable, hung, throttling,
     a server error), so asking again later may work; not a query Kusto refused."""
     if isinstance(error, KustoNetworkError | KustoThrottlingError | TimeoutError | ConnectionError):
         return True
     if isinstance(error, KustoServiceError):
-        response = error.get_raw_http_response()
-        status = getattr(response, "status_code", None) or getattr(response, "status", None)
+        status = http_status(error)
         if status is not None and (status >= 500 or status in (408, 429)):
             return True
         api = error.get_api_error() if isinstance(error, KustoApiError) else None
