@@ -38,9 +38,14 @@ from langgraph.checkpoint.kusto.ingestor_worker import service
 from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor, encode_rows
 from langgraph.checkpoint.kusto.ingestor_worker.metrics import WorkerMetrics
 from langgraph.checkpoint.kusto.ingestor_worker.retry import RetryPolicy
-from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
-from langgraph.checkpoint.kusto.outbox import LockLostError, OutboxError, OutboxMessage
-from langgraph.checkpoint.kusto.outbox.sqlite import SqliteQueue
+from langgraph.checkpoint.kusto.ingestor_worker.worker import BATCH_IDLE_GAP, COLLECT_PAUSE, Worker
+from langgraph.checkpoint.kusto.outbox import (
+    LockLostError,
+    OutboxError,
+    OutboxMessage,
+    ReceivedMessage,
+)
+from langgraph.checkpoint.kusto.outbox.sqlite import SqliteQueue, parse_url
 from langgraph.checkpoint.kusto.shared.envelope import encode_event
 from langgraph.checkpoint.kusto.shared.framing import Frame, encode_frame, split_frames
 from langgraph.checkpoint.kusto.shared.rows import event_rows
@@ -505,6 +510,49 @@ def test_batches_respect_event_and_byte_limits_and_never_split_an_event(
     assert proxy.ingested_events() == dict.fromkeys(every.event_ids, 1)
     assert_readable_exactly_once(private_queue, proxy.url, "langgraph", every)
     queue.close()
+
+
+class _Trickle(SqliteQueue):
+    """A queue into which one message arrives just before each of the first receives, as
+    under a steady stream of sends; it records when each receive started and ended."""
+
+    def __init__(self, url: str, arriving: list[OutboxMessage]) -> None:
+        parsed = parse_url(url)
+        super().__init__(parsed.path, parsed.queue)
+        self.arriving = list(arriving)
+        self.calls: list[tuple[float, float, float]] = []  # (started, ended, max_wait)
+
+    def receive(self, max_messages: int, max_wait: float) -> list[ReceivedMessage]:
+        started = time.monotonic()
+        if self.arriving:
+            self.send([self.arriving.pop(0)])
+        received = super().receive(max_messages, max_wait)
+        self.calls.append((started, time.monotonic(), max_wait))
+        return received
+
+
+def test_a_steady_trickle_is_received_in_pauses_not_one_transaction_per_message(
+    proxy: FaultProxy, private_queue: str
+) -> None:
+    """Once a receive drains the queue the worker pauses before the next, so that receive
+    takes what arrived meanwhile: on the SQLite queue every receive is a transaction that
+    takes the write lock from the saver's sends. A quiet queue still closes the batch
+    within ``BATCH_IDLE_GAP`` of the last message."""
+    _, threads = _threads("trickle", 1)
+    published = build_checkpoints(threads, 5)
+    queue = _Trickle(private_queue, published.messages)
+    ingestor = KustoIngestor(proxy.url, "langgraph")
+    try:
+        result = Worker(queue, ingestor, max_batch_delay=30).run_once()
+    finally:
+        ingestor.close()
+        queue.close()
+    assert result.events_ingested == 5
+    later = queue.calls[1:]
+    assert len(later) == 5  # four with one message each, then one that found none
+    for (_, previous_ended, _), (started, _, max_wait) in zip(queue.calls, later, strict=False):
+        assert started - previous_ended >= COLLECT_PAUSE
+        assert max_wait == pytest.approx(BATCH_IDLE_GAP - COLLECT_PAUSE)
 
 
 def test_poison_input_is_dead_lettered_with_specific_reasons_and_the_worker_keeps_going(

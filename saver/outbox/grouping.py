@@ -38,10 +38,15 @@ class SendGroups:
         self._waiting.append((messages, done))
         return done
 
+    def messages(self) -> list[OutboxMessage]:
+        """The messages of everything waiting, in order (they stay waiting)."""
+        return [message for messages, _ in self._waiting for message in messages]
+
     def take(self) -> tuple[Group, list[OutboxMessage]]:
         """Everything waiting, as a group and its messages in order."""
+        messages = self.messages()
         group, self._waiting = self._waiting, []
-        return group, [message for messages, _ in group for message in messages]
+        return group, messages
 
 
 def settle(group: Group, error: BaseException | None) -> None:
