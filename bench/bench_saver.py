@@ -1,10 +1,12 @@
 """Saver benchmark: ours on the local stack next to LangGraph's own savers, in one run.
 
-    python bench/bench_saver.py [--ops 2000] [--runs 60] [--stack-priority idle|normal]
+    python bench/bench_saver.py [--ops 2000] [--runs 60] [--rounds 3]
+                                [--stack-priority idle|normal]
 
 Prints per-operation microseconds for put, put_writes, get_tuple (cache hit and miss),
-list, and a real agent graph's steps/s with the no-checkpointer ceiling, then the ratios
-the project targets. Ours runs in ``session`` mode with a worker ingesting in the
+list, and a real agent graph's steps/s with the no-checkpointer ceiling (the median of
+``--rounds`` measurements per saver, taken in turns), then the ratios the project
+targets. Ours runs in ``session`` mode with a worker ingesting in the
 background; "miss" reads come from a fresh ``eventual`` saver (Kusto only).
 AsyncPostgresSaver runs on a throwaway local server when PostgreSQL is installed
 (``bench/postgres_peer.py``).
@@ -30,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -238,6 +240,12 @@ async def main() -> None:
     parser.add_argument("--ops", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=60, help="agent graph runs per saver")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="graph measurements per saver, taken in turns; the median is reported",
+    )
+    parser.add_argument(
         "--stack-priority",
         choices=("idle", "normal"),
         default="idle",
@@ -247,52 +255,58 @@ async def main() -> None:
     args = parser.parse_args()
 
     rows: dict[str, dict[str, float]] = {}
-    steps: dict[str, float] = {}
-    new_thread_steps: dict[str, float] = {}
     root = Path(tempfile.mkdtemp(prefix="bench-saver-"))
     try:
-        steps["no checkpointer"] = await steps_per_second(None, args.runs, threads=None)
-        new_thread_steps["no checkpointer"] = steps["no checkpointer"]
-
-        memory = InMemorySaver()
-        rows["InMemorySaver"] = await measure(memory, memory, args.ops)
-        steps["InMemorySaver"] = await steps_per_second(InMemorySaver(), args.runs, threads=10)
-        new_thread_steps["InMemorySaver"] = await steps_per_second(
-            InMemorySaver(), args.runs, threads=None
-        )
-
-        async with AsyncSqliteSaver.from_conn_string(str(root / "sqlite.db")) as sqlite:
-            rows["AsyncSqliteSaver"] = await measure(sqlite, sqlite, args.ops)
-            steps["AsyncSqliteSaver"] = await steps_per_second(sqlite, args.runs, threads=10)
-            new_thread_steps["AsyncSqliteSaver"] = await steps_per_second(
-                sqlite, args.runs, threads=None
+        async with AsyncExitStack() as stack:
+            memory = InMemorySaver()
+            savers: dict[str, tuple[Any, Any]] = {"InMemorySaver": (memory, memory)}
+            sqlite = await stack.enter_async_context(
+                AsyncSqliteSaver.from_conn_string(str(root / "sqlite.db"))
             )
-
-        async with (
-            local_stack(root, idle=args.stack_priority == "idle") as (queue_url, cluster),
-            AsyncKustoSaver.from_conn_string(queue_url, cluster, DATABASE) as ours,
-            AsyncKustoSaver.from_conn_string(
-                queue_url, cluster, DATABASE, consistency="eventual"
-            ) as reader,
-        ):
-            rows["AsyncKustoSaver"] = await measure(ours, reader, args.ops)
-            steps["AsyncKustoSaver"] = await steps_per_second(ours, args.runs, threads=10)
-            new_thread_steps["AsyncKustoSaver"] = await steps_per_second(
-                ours, args.runs, threads=None
+            savers["AsyncSqliteSaver"] = (sqlite, sqlite)
+            queue_url, cluster = await stack.enter_async_context(
+                local_stack(root, idle=args.stack_priority == "idle")
             )
-        async with postgres_saver(root) as postgres:
+            ours = await stack.enter_async_context(
+                AsyncKustoSaver.from_conn_string(queue_url, cluster, DATABASE)
+            )
+            reader = await stack.enter_async_context(
+                AsyncKustoSaver.from_conn_string(
+                    queue_url, cluster, DATABASE, consistency="eventual"
+                )
+            )
+            savers["AsyncKustoSaver"] = (ours, reader)
+            postgres = await stack.enter_async_context(postgres_saver(root))
             if isinstance(postgres, str):
                 print(postgres + "\n")
             else:
-                rows["AsyncPostgresSaver"] = await measure(postgres, postgres, args.ops)
-                steps["AsyncPostgresSaver"] = await steps_per_second(
-                    postgres, args.runs, threads=10
-                )
-                new_thread_steps["AsyncPostgresSaver"] = await steps_per_second(
-                    postgres, args.runs, threads=None
-                )
+                savers["AsyncPostgresSaver"] = (postgres, postgres)
+            for name, (saver, peer_reader) in savers.items():
+                rows[name] = await measure(saver, peer_reader, args.ops)
+            # In turns, so that the machine's slow and fast moments fall on every saver.
+            ceilings: list[float] = []
+            conversations: dict[str, list[float]] = {name: [] for name in savers}
+            new_threads: dict[str, list[float]] = {name: [] for name in savers}
+            for _ in range(args.rounds):
+                ceilings.append(await steps_per_second(None, args.runs, threads=None))
+                for name, (saver, _) in savers.items():
+                    conversations[name].append(
+                        await steps_per_second(
+                            InMemorySaver() if saver is memory else saver, args.runs, threads=10
+                        )
+                    )
+                    new_threads[name].append(
+                        await steps_per_second(
+                            InMemorySaver() if saver is memory else saver, args.runs, threads=None
+                        )
+                    )
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    ceiling = {"no checkpointer": statistics.median(ceilings)}
+    steps = ceiling | {name: statistics.median(found) for name, found in conversations.items()}
+    new_thread_steps = ceiling | {
+        name: statistics.median(found) for name, found in new_threads.items()
+    }
 
     names = list(rows)
     print(f"{'µs per call (median)':<22}" + "".join(f"{n:>20}" for n in names))
@@ -305,14 +319,15 @@ async def main() -> None:
         f"{'  new thread per run':<22}"
         + "".join(f"{new_thread_steps[n]:>20.0f}" for n in new_thread_steps)
     )
+    print(f"(median of {args.rounds} rounds, taken in turns)")
     print()
-    ours = rows["AsyncKustoSaver"]
+    ours_row = rows["AsyncKustoSaver"]
     targets = [
         ("steps/s vs AsyncSqliteSaver", steps["AsyncKustoSaver"] / steps["AsyncSqliteSaver"], 1.5),
         ("steps/s vs InMemorySaver", steps["AsyncKustoSaver"] / steps["InMemorySaver"], 0.8),
         (
             "get_tuple hit speed-up vs InMemorySaver",
-            rows["InMemorySaver"]["get_tuple (hit)"] / ours["get_tuple (hit)"],
+            rows["InMemorySaver"]["get_tuple (hit)"] / ours_row["get_tuple (hit)"],
             2.0,
         ),
     ]
