@@ -22,12 +22,15 @@ from __future__ import annotations
 import argparse
 import base64
 import re
+import sqlite3
 import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TextIO
 
 from langgraph.checkpoint.kusto.outbox import (
@@ -40,6 +43,7 @@ from langgraph.checkpoint.kusto.outbox import (
     queue_id,
     redact_queue_url,
 )
+from langgraph.checkpoint.kusto.outbox.sqlite import BUSY_TIMEOUT_SECONDS
 from langgraph.checkpoint.kusto.outbox.sqlite import parse_url as parse_sqlite_url
 from langgraph.checkpoint.kusto.settings import QUEUE_ENV, resolve
 from langgraph.checkpoint.kusto.shared.envelope import Event, EventKind, decode_event
@@ -58,6 +62,19 @@ _PAYLOAD_WIDTH = 76
 _PROGRESS_WIDTH = 30
 _THREAD_WIDTH = 40
 _NOT_SHOWN = "-"
+_MAX_SEQUENCE_NUMBER = 2**63 - 1
+"""Both backends number messages with signed 64-bit integers (SQLite's INTEGER, Service
+Bus's long): a larger number names no dead letter, and SQLite cannot even be asked."""
+
+_QUEUE_TABLES = ("outbox_messages", "outbox_sessions", "outbox_dedup", "outbox_dead_letters")
+"""The tables of a SQLite queue file (``SCHEMA`` in ``outbox/sqlite.py``), each keyed by
+``queue``. ``SqliteQueue`` creates them all in one transaction, so a file without them has
+never been opened as a queue."""
+
+_HOLDS_QUEUE = "SELECT " + " OR ".join(
+    f"EXISTS (SELECT 1 FROM {table} WHERE queue = :queue)" for table in _QUEUE_TABLES
+)
+_HELD_QUEUES = " UNION ".join(f"SELECT queue FROM {table}" for table in _QUEUE_TABLES)
 
 
 # --- selecting dead letters ------------------------------------------------------------------
@@ -547,7 +564,9 @@ def add_dlq_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--queue", default=None, help=f"queue URL (${QUEUE_ENV})")
     filters = argparse.ArgumentParser(add_help=False)
     filters.add_argument("--reason", default=None, help="only dead letters with this reason")
-    filters.add_argument("--thread", default=None, help="only dead letters of this thread id")
+    filters.add_argument(
+        "--thread", type=_thread_id, default=None, help="only dead letters of this thread id"
+    )
     filters.add_argument(
         "--older-than",
         type=_age,
@@ -567,7 +586,9 @@ def add_dlq_arguments(parser: argparse.ArgumentParser) -> None:
         "list", parents=[common, filters], help="a table of dead letters, oldest first"
     )
     show = actions.add_parser("show", parents=[common], help="one dead letter in detail")
-    show.add_argument("sequence_number", type=int, metavar="SEQ", help="from `dlq list`")
+    show.add_argument(
+        "sequence_number", type=_sequence_number, metavar="SEQ", help="from `dlq list`"
+    )
     show.add_argument(
         "--payload", action="store_true", help="also print the message body (user data, base64)"
     )
@@ -601,21 +622,77 @@ def _positive(text: str) -> int:
     return value
 
 
+def _thread_id(text: str) -> str:
+    # No thread has the empty id (the queue refuses it as a session id), so it can only
+    # be a mistake, e.g. an unset shell variable.
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _sequence_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= _MAX_SEQUENCE_NUMBER:
+        raise argparse.ArgumentTypeError(
+            f"must be a sequence number from 0 to {_MAX_SEQUENCE_NUMBER}, got {value}"
+        )
+    return value
+
+
 def open_store(url: str) -> OutboxQueue:
-    """The queue ``url`` names. A SQLite queue file must exist already: opening creates
-    one, and an operator who mistyped the path would silently look at an empty queue."""
+    """The queue ``url`` names. A SQLite queue file must exist already and be a queue:
+    opening one creates the file, its tables and switches it to WAL, so an operator who
+    mistyped the path or the queue name would silently look at an empty queue (and turn
+    some other database into a queue file)."""
     try:
         if url.startswith("sqlite:"):
-            path = parse_sqlite_url(url).path
-            if not path.is_file():
-                raise UsageError(
-                    f"no queue file at {path} (from the queue URL {url!r}); pass --queue or "
-                    f"set ${QUEUE_ENV} (a relative sqlite:/// path is relative to the current "
-                    "directory)"
-                )
+            location = parse_sqlite_url(url)
+            _check_queue_file(location.path, location.queue, url)
         return open_queue(url)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _check_queue_file(path: Path, queue: str, url: str) -> None:
+    """``UsageError`` for a missing file or a queue name the file does not hold,
+    ``OutboxError`` (the worker's words and exit code) for a file that cannot be a queue.
+    Reads without writing, since the file may be another application's database."""
+    if not path.exists():
+        raise UsageError(
+            f"no queue file at {path} (from the queue URL {url!r}); pass --queue or "
+            f"set ${QUEUE_ENV} (a relative sqlite:/// path is relative to the current "
+            "directory)"
+        )
+    if path.is_dir():
+        raise OutboxError(f"cannot open the queue file {path}: it is a directory")
+    if not path.is_file():
+        # SQLite would block opening a FIFO for reading until someone writes to it.
+        raise OutboxError(f"cannot open the queue file {path}: it is not a regular file")
+    try:
+        read_only = f"{path.absolute().as_uri()}?mode=ro"
+        with closing(sqlite3.connect(read_only, uri=True, timeout=BUSY_TIMEOUT_SECONDS)) as conn:
+            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+            if not tables.issuperset(_QUEUE_TABLES):
+                raise OutboxError(
+                    f"cannot open the queue file {path}: it is a SQLite database without the "
+                    "outbox tables, not a queue"
+                )
+            # A queue leaves no row once drained and past the duplicate-detection window,
+            # so only a file that holds other queues tells a mistyped name apart.
+            if conn.execute(_HOLDS_QUEUE, {"queue": queue}).fetchone()[0]:
+                return
+            held = sorted(name for (name,) in conn.execute(_HELD_QUEUES))
+    except sqlite3.Error as error:
+        raise OutboxError(f"cannot open the queue file {path}: {error}") from error
+    if held:
+        raise UsageError(
+            f"the queue file {path} holds no queue named {queue!r}, only "
+            f"{', '.join(map(repr, held))} (from the queue URL {url!r}; choose one with "
+            "?queue=<name>)"
+        )
 
 
 def run_dlq_command(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -58,6 +59,7 @@ from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
 from langgraph.checkpoint.kusto.kusto import KustoQueries
 from langgraph.checkpoint.kusto.local.kusto_server import LocalKustoServer
 from langgraph.checkpoint.kusto.outbox import (
+    OutboxError,
     OutboxMessage,
     OutboxQueue,
     ReceivedMessage,
@@ -498,6 +500,114 @@ def test_a_file_that_is_not_a_queue_is_a_one_line_error(tmp_path: Path) -> None:
     assert result.stderr == (
         f"langgraph-kusto: cannot open the queue file {text_file}: file is not a database\n"
     )
+
+
+def test_a_database_that_is_not_a_queue_is_refused_and_left_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app_db = tmp_path / "app.db"
+    with closing(sqlite3.connect(app_db)) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER)")
+        conn.commit()
+    before = app_db.read_bytes()
+
+    for argv in (["list"], ["show", "1"], ["purge", "--all"], ["replay"]):
+        code = cli.main(["dlq", *argv, "--queue", f"sqlite:///{app_db}"])
+        out, err = capsys.readouterr()
+
+        assert (code, out) == (1, "")
+        assert err == (
+            f"langgraph-kusto: cannot open the queue file {app_db}: it is a SQLite database "
+            "without the outbox tables, not a queue\n"
+        )
+    # Not a byte changed (no outbox tables, no switch to WAL), and no -wal or -shm file.
+    assert app_db.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db"]
+
+
+def test_a_queue_name_the_file_does_not_hold_names_the_ones_it_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backend = _sqlite_backend(tmp_path)
+    seed(backend, [(poison("thread-a"), "Poison"), (poison("thread-b"), "Poison")])
+    with SqliteQueue(tmp_path / "outbox.db", "audit") as audit:
+        audit.send([poison("thread-c")])
+    mistyped = f"{backend.url}?queue=event"
+
+    code = cli.main(["dlq", "list", "--queue", mistyped])
+    out, err = capsys.readouterr()
+
+    assert (code, out) == (2, "")
+    assert err == (
+        f"langgraph-kusto: the queue file {tmp_path / 'outbox.db'} holds no queue named "
+        f"'event', only 'audit', 'events' (from the queue URL {mistyped!r}; choose one "
+        "with ?queue=<name>)\n"
+    )
+    # A queue file that holds no queue yet is an empty queue under any name.
+    empty = _sqlite_backend(tmp_path / "fresh")
+    code = cli.main(["dlq", "list", "--queue", f"{empty.url}?queue=other"])
+    assert (code, capsys.readouterr().out) == (0, f"no dead letters in {empty.url}?queue=other\n")
+
+
+def test_a_directory_is_named_as_such_as_the_worker_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory = tmp_path / "adir"
+    directory.mkdir()
+    with pytest.raises(OutboxError) as opening:
+        SqliteQueue(directory)
+
+    code = cli.main(["dlq", "list", "--queue", f"sqlite:///{directory}"])
+    out, err = capsys.readouterr()
+
+    assert (code, out) == (1, "")
+    assert err == f"langgraph-kusto: {opening.value}\n"
+    assert err.endswith(": it is a directory\n")
+
+
+def test_an_empty_thread_id_is_a_one_line_error(tmp_path: Path) -> None:
+    backend = _sqlite_backend(tmp_path)
+    seed(backend, [(poison("thread-a"), "Poison")])
+
+    for action in ("list", "replay", "purge"):
+        result = subprocess.run(
+            [*CLI, "dlq", action, "--queue", backend.url, "--thread", ""],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+        assert result.returncode == 2
+        assert result.stderr == (
+            f"langgraph-kusto dlq {action}: argument --thread: must not be empty "
+            f"(see `langgraph-kusto dlq {action} --help`)\n"
+        )
+    assert len(backend.dead()) == 1
+
+
+def test_show_refuses_a_sequence_number_no_queue_can_hold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backend = _sqlite_backend(tmp_path)
+    seed(backend, [(poison("thread-a"), "Poison")])
+    largest = 2**63 - 1
+
+    for number in (largest + 1, -1):
+        result = subprocess.run(
+            [*CLI, "dlq", "show", "--queue", backend.url, "--", str(number)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+        assert result.returncode == 2
+        assert result.stderr == (
+            f"langgraph-kusto dlq show: argument SEQ: must be a sequence number from 0 to "
+            f"{largest}, got {number} (see `langgraph-kusto dlq show --help`)\n"
+        )
+    code, out, err = dlq(capsys, backend, "show", str(largest))
+    assert (code, out) == (2, "")
+    assert err.startswith(f"langgraph-kusto: no dead letter with sequence number {largest} in ")
 
 
 def _more_than_a_scan(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> list[OutboxMessage]:
