@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TextIO, TypedDict
+from urllib.parse import quote
 
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
@@ -298,7 +299,8 @@ def _prepare_data_dir(root: Path) -> None:
 def _local_stack(root: Path, out: TextIO) -> Iterator[_Stack]:
     _heading(out, "1. The local stack (what `langgraph-kusto local up` runs)")
     server = start_local_kusto(root / "kusto", port=0, database=DEFAULT_DATABASE)
-    queue_url = f"sqlite:///{(root / 'outbox.db').resolve()}"
+    # Quoted: '#', '?' and '%' in a path would otherwise end it or be decoded in the URL.
+    queue_url = f"sqlite:///{quote(str((root / 'outbox.db').resolve()))}"
     queries = KustoQueries(server.url, DEFAULT_DATABASE)
     queue = SqliteQueue.from_url(queue_url)
     ingestor = KustoIngestor(server.url, DEFAULT_DATABASE)

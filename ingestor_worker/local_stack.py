@@ -19,9 +19,8 @@ import threading
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
-from urllib.parse import urlsplit
 
-from langgraph.checkpoint.kusto.kusto import KustoQueries, is_local_cluster
+from langgraph.checkpoint.kusto.kusto import KustoQueries, cluster_port, is_local_cluster
 from langgraph.checkpoint.kusto.outbox import OutboxQueue, open_queue, redact_queue_url
 from langgraph.checkpoint.kusto.schema import apply_provision
 from langgraph.checkpoint.kusto.settings import (
@@ -54,9 +53,13 @@ JOIN_GRACE = 5.0
 
 def default_port() -> int:
     """The port apps expect the local server on: that of ``$LANGGRAPH_KUSTO_CLUSTER`` when it
-    names a loopback address with a port, else the saver's default."""
+    names a loopback address with a port, else the saver's default. A port apps could not
+    use either is a ``UsageError``."""
     cluster = resolve().cluster
-    port = urlsplit(cluster).port
+    try:
+        port = cluster_port(cluster)
+    except ValueError as exc:
+        raise UsageError(f"{exc} (${CLUSTER_ENV}, which --port overrides)") from None
     return port if is_local_cluster(cluster) and port is not None else DEFAULT_LOCAL_PORT
 
 

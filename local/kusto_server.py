@@ -2141,12 +2141,18 @@ def _open_database(data_dir: Path | None, database: str) -> tuple[Any, str]:
     path = directory / f"{database}.duckdb"
     try:
         return connect(str(path)), str(path)
-    except Exception as exc:
-        if "lock" not in str(exc).lower():
-            raise
+    except duckdb.Error as exc:
+        # DuckDB's words for a lock held elsewhere: "lock" alone may be in the path.
+        if "could not set lock" in str(exc).lower():
+            raise RuntimeError(
+                f"{path} is already open in another process (DuckDB allows one writer): "
+                "point your clients at the local Kusto server that holds it"
+            ) from exc
+        # A file that is not a DuckDB database (truncated, another format) or a directory:
+        # the user's to move aside, so one line naming it rather than DuckDB's traceback.
         raise RuntimeError(
-            f"{path} is already open in another process (DuckDB allows one writer): "
-            "point your clients at the local Kusto server that holds it"
+            f"cannot open {path} as a DuckDB database ({exc}): move it aside, or choose "
+            "another --data directory"
         ) from exc
 
 

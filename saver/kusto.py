@@ -50,6 +50,16 @@ def is_local_cluster(cluster: str) -> bool:
         return False
 
 
+def cluster_port(cluster: str) -> int | None:
+    """The port ``cluster`` names, if any, else ``ValueError`` naming the URL: urllib checks
+    the port only when asked for it, and a bad one would otherwise surface as a network
+    error (the local server "not running") on every request."""
+    try:
+        return urlparse(cluster).port
+    except ValueError as exc:  # out of range, or not a number
+        raise ValueError(f"cluster {cluster!r} has an unusable port: {exc}") from None
+
+
 def connection_string(
     cluster: str, credential: Any | None = None, *, is_async: bool = False
 ) -> KustoConnectionStringBuilder:
@@ -60,6 +70,7 @@ def connection_string(
             f"cluster {cluster!r} is not a URL; expected https://<name>.<region>.kusto.windows.net "
             "or http://127.0.0.1:<port> for the local server"
         )
+    cluster_port(cluster)
     if is_local_cluster(cluster):
         return KustoConnectionStringBuilder.with_no_authentication(cluster)
     if parsed.scheme != "https":

@@ -10,6 +10,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 CLI = [sys.executable, "-m", "langgraph.checkpoint.kusto.ingestor_worker.cli"]
 
@@ -196,6 +197,52 @@ def test_a_bad_local_database_name_is_a_one_line_error(tmp_path: Path) -> None:
         2,
         message.format("bad name"),
     )
+
+
+def test_a_cluster_url_with_an_unusable_port_is_a_one_line_error(tmp_path: Path) -> None:
+    cluster = "http://127.0.0.1:99999"
+    message = f"cluster {cluster!r} has an unusable port: Port out of range 0-65535"
+    worker = ["worker", "--health-port", "0", "--queue", f"sqlite:///{tmp_path}/q.db"]
+
+    # local-kusto takes its default port from the cluster URL.
+    assert _one_line_error(
+        ["local-kusto", "--data", str(tmp_path)], LANGGRAPH_KUSTO_CLUSTER=cluster
+    ) == (
+        2,
+        f"langgraph-kusto: {message} ($LANGGRAPH_KUSTO_CLUSTER, which --port overrides)\n",
+    )
+    # Refused at once, not retried for ever as an unreachable Kusto.
+    assert _one_line_error(worker, LANGGRAPH_KUSTO_CLUSTER=cluster) == (
+        2,
+        f"langgraph-kusto worker: {message}\n",
+    )
+
+
+def test_an_unusable_local_duckdb_file_is_a_one_line_error(tmp_path: Path) -> None:
+    data = tmp_path / "locked"  # not to be taken for a lock another server holds
+    data.mkdir()
+    database = data / "langgraph.duckdb"
+    database.write_bytes(b"truncated")
+
+    code, err = _one_line_error(["local-kusto", "--port", "0", "--data", str(data)])
+
+    assert code == 2
+    assert err.startswith(f"langgraph-kusto: cannot open {database} as a DuckDB database (")
+    assert database.read_bytes() == b"truncated"
+
+
+def test_demo_data_with_url_characters_in_its_path_keeps_everything_there(tmp_path: Path) -> None:
+    """The queue URL quotes the path: '#' would end it, '%41' would name another directory."""
+    data = tmp_path / "run#1 %41"
+
+    result = subprocess.run(
+        [*CLI, "demo", "--data", str(data)], capture_output=True, text=True, timeout=180
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert list(tmp_path.iterdir()) == [data]
+    assert sorted(p.name for p in data.iterdir()) == ["kusto", "outbox.db"]
+    assert f"no dead letters in sqlite:///{quote(str(data.resolve()))}/outbox.db" in result.stdout
 
 
 def test_demo_data_that_cannot_be_a_directory_is_a_one_line_error(tmp_path: Path) -> None:

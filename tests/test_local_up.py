@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from langgraph.checkpoint.kusto import KustoSaver
 from langgraph.checkpoint.kusto.ingestor_worker.local_stack import READY
 from langgraph.checkpoint.kusto.kusto import KustoQueries
 from langgraph.checkpoint.kusto.local.kusto_server import LocalKustoServer
@@ -285,3 +287,51 @@ def test_a_bad_database_name_is_a_one_line_error(tmp_path: Path) -> None:
         2,
         message.format("bad name"),
     )
+
+
+def test_an_unusable_duckdb_file_is_a_one_line_error_that_leaves_it_alone(tmp_path: Path) -> None:
+    database = tmp_path / "kusto" / f"{DEFAULT_DATABASE}.duckdb"
+    database.parent.mkdir()
+    database.write_bytes(b"truncated")
+
+    code, err = _local_up_error(tmp_path)
+
+    assert code == 2
+    assert err.startswith(f"langgraph-kusto: cannot open {database} as a DuckDB database (")
+    assert err.endswith("): move it aside, or choose another --data directory\n")
+    assert database.read_bytes() == b"truncated"
+    database.unlink()
+    database.mkdir()  # a directory of that name, too
+    code, err = _local_up_error(tmp_path)
+    assert code == 2
+    assert err.startswith(f"langgraph-kusto: cannot open {database} as a DuckDB database (")
+
+
+def test_a_cluster_url_with_an_unusable_port_is_refused_by_local_up_and_the_saver(
+    tmp_path: Path,
+) -> None:
+    """Not a traceback from `local up`, nor a saver blaming a stopped local server."""
+    for cluster, reason in (
+        ("http://127.0.0.1:99999", "Port out of range 0-65535"),
+        ("http://127.0.0.1:abc", "Port could not be cast to integer value as 'abc'"),
+    ):
+        message = f"cluster {cluster!r} has an unusable port: {reason}"
+        # No --port: `local up` takes its port from the cluster URL.
+        result = subprocess.run(
+            [*CLI, "local", "up", "--data", str(tmp_path / "kusto")],
+            cwd=tmp_path,
+            env={**_clean_env(), "LANGGRAPH_KUSTO_CLUSTER": cluster},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (result.returncode, result.stderr) == (
+            2,
+            f"langgraph-kusto: {message} ($LANGGRAPH_KUSTO_CLUSTER, which --port overrides)\n",
+        )
+        with (
+            pytest.raises(ValueError, match=re.escape(message)),
+            KustoSaver.from_conn_string(queue=f"sqlite:///{tmp_path}/q.db", cluster=cluster),
+        ):
+            pass
+    assert list(tmp_path.iterdir()) == []
