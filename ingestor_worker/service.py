@@ -127,7 +127,8 @@ OPTIONS: tuple[_Option, ...] = (
         "LANGGRAPH_KUSTO_MAX_WAIT",
         float,
         worker.DEFAULT_MAX_WAIT,
-        "seconds an idle receive waits for a first message",
+        "seconds an idle receive waits for a first message; below --shutdown-timeout and "
+        "--max-lock-renewal",
     ),
     _Option(
         "--retry-attempts",
@@ -201,8 +202,9 @@ OPTIONS: tuple[_Option, ...] = (
         "LANGGRAPH_KUSTO_LOCK_DURATION",
         float,
         30.0,
-        "peek-lock duration in seconds (local SQLite queue; on Service Bus a queue property)",
-        _POSITIVE,
+        f"peek-lock duration in seconds, at least {worker.MIN_LOCK_DURATION:g} (local SQLite "
+        "queue; on Service Bus a queue property)",
+        worker.MIN_LOCK_DURATION,
     ),
     _Option(
         "--max-delivery-count",
@@ -259,6 +261,7 @@ class WorkerSettings:
             values[option.dest] = _option_value(option, getattr(args, option.dest, None), env)
         if values["health_port"] > 65535:
             raise SettingsError(f"--health-port must be 0-65535, got {values['health_port']}")
+        _check_max_wait(values)
         connection = resolve(
             args.queue or env.get(QUEUE_ENV),
             args.cluster or env.get(CLUSTER_ENV),
@@ -305,6 +308,21 @@ def _option_value(option: _Option, flag_value: Any, env: Mapping[str, str]) -> A
         bound = "positive" if option.minimum == _POSITIVE else f">= {option.minimum:g}"
         raise SettingsError(f"{source} must be {bound}, got {value}")
     return value
+
+
+def _check_max_wait(values: Mapping[str, Any]) -> None:
+    """A receive cannot be interrupted, and the worker marks progress only between
+    receives: an idle receive must end within the shutdown deadline and the stall limit."""
+    for limit, why in (
+        ("shutdown_timeout", "a stop waits for the idle receive to end"),
+        ("max_lock_renewal", "an idle worker would report itself stalled"),
+    ):
+        if values["max_wait"] >= values[limit]:
+            flag = "--" + limit.replace("_", "-")
+            raise SettingsError(
+                f"--max-wait must be below {flag} ({values[limit]:g}), got "
+                f"{values['max_wait']:g}: {why}"
+            )
 
 
 def _ingestion_mode(flag_value: str | None, env: Mapping[str, str], cluster: str) -> IngestionMode:

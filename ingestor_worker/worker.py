@@ -97,6 +97,13 @@ held; 5-13% with the pause)."""
 QUEUE_ERROR_PAUSE = 1.0
 MIN_RENEW_INTERVAL = 0.05
 MAX_RENEW_INTERVAL = 5.0
+MIN_LOCK_DURATION = 1.0
+"""The shortest peek-lock the renewer keeps alive safely (``--lock-duration``). It renews a
+lock halfway through its period but sleeps at least ``MIN_RENEW_INTERVAL``, and a renewal
+is a queue transaction that may wait behind other writers: with locks of 50 ms or less
+every renewal came too late, and each event was redelivered until dead-lettered. 1 s
+leaves half a second, ten of those sleeps, for a renewal to land (Service Bus's own
+minimum is 5 s)."""
 NOTE_TIMEOUT = 5.0
 """One attempt at ingesting a cycle's dead-letter notes: they are a courtesy to the saver
 that published the events (it stops waiting for them), never worth holding the loop."""

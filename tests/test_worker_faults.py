@@ -11,6 +11,8 @@ import argparse
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -684,6 +686,26 @@ def test_settings_come_from_flags_then_environment_then_defaults() -> None:
         (["--health-port", "70000"], {}, "--health-port must be 0-65535"),
         ([], {"OTEL_METRICS_EXPORTER": "prometheus"}, "'prometheus' is not supported"),
         ([], {"LANGGRAPH_KUSTO_INGESTION_MODE": "fast"}, "'fast' is not one of streaming"),
+        # Locks shorter than the renewer can keep: every event was dead-lettered unread.
+        (["--lock-duration", "0.02"], {}, "--lock-duration must be >= 1, got 0.02"),
+        (
+            [],
+            {"LANGGRAPH_KUSTO_LOCK_DURATION": "0.5"},
+            r"\$LANGGRAPH_KUSTO_LOCK_DURATION must be >= 1, got 0.5",
+        ),
+        # An idle receive outlasting the shutdown deadline or the stall limit: the worker
+        # overran its deadline on SIGTERM, or reported itself stalled while idle.
+        (
+            ["--max-wait", "600", "--shutdown-timeout", "5"],
+            {},
+            r"--max-wait must be below --shutdown-timeout \(5\), got 600",
+        ),
+        (
+            ["--max-wait", "10", "--max-lock-renewal", "3"],
+            {},
+            r"--max-wait must be below --max-lock-renewal \(3\), got 10",
+        ),
+        ([], {"LANGGRAPH_KUSTO_MAX_WAIT": "30"}, r"below --shutdown-timeout \(30\), got 30"),
     ],
 )
 def test_unusable_settings_are_refused_with_a_message(
@@ -691,6 +713,32 @@ def test_unusable_settings_are_refused_with_a_message(
 ) -> None:
     with pytest.raises(service.SettingsError, match=complaint):
         service.WorkerSettings.from_args(_parse(argv), env)
+
+
+def test_lock_duration_and_max_wait_accept_values_within_their_bounds() -> None:
+    argv = ["--lock-duration", "1", "--max-wait", "4.5", "--shutdown-timeout", "5"]
+    settings = service.WorkerSettings.from_args(_parse([*argv, "--max-lock-renewal", "5"]), {})
+    assert (settings.lock_duration, settings.max_wait) == (1.0, 4.5)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--lock-duration", "0.05"],
+        ["--max-wait", "600", "--shutdown-timeout", "5"],
+        ["--max-wait", "10", "--max-lock-renewal", "3"],
+    ],
+)
+def test_the_worker_command_refuses_unsafe_lock_or_wait_settings_with_one_line(
+    argv: list[str], private_queue: str
+) -> None:
+    # A subprocess: before these were refused, the worker started and ran until stopped.
+    command = [sys.executable, "-m", "langgraph.checkpoint.kusto.ingestor_worker.cli", "worker"]
+    command += ["--queue", private_queue, "--cluster", "http://127.0.0.1:9", "--health-port", "0"]
+    result = subprocess.run([*command, *argv], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"langgraph-kusto worker: {argv[0]} must be ")
+    assert result.stderr.count("\n") == 1, result.stderr
 
 
 def test_worker_command_exits_2_on_an_unusable_queue_url(
