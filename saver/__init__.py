@@ -9,7 +9,7 @@ from __future__ import annotations
 import builtins
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from langchain_core.runnables import RunnableConfig
@@ -110,15 +110,16 @@ class KustoSaver(BaseKustoSaver):
         up after ``query_timeout`` seconds (``KustoNetworkError``).
         """
         settings = resolve_arguments(queue, cluster, database)
-        queries = KustoQueries(
-            settings.cluster, settings.database, credential, query_timeout=query_timeout
-        )
-        outbox = open_sender(settings.queue)
-        try:
+        # each connection is closed, last opened first, even when a later one or the
+        # saver fails to open (a bad queue URL, a bad option)
+        with ExitStack() as opened:
+            outbox = open_sender(settings.queue)
+            opened.callback(outbox.close)
+            queries = KustoQueries(
+                settings.cluster, settings.database, credential, query_timeout=query_timeout
+            )
+            opened.callback(queries.close)
             yield cls(outbox, queries, consistency=consistency, serde=serde, **options)
-        finally:
-            queries.close()
-            outbox.close()
 
     def setup(self, *, provision: bool = False) -> None:
         """Check the schema; with ``provision=True`` apply provision.kql first."""
@@ -329,14 +330,8 @@ class KustoSaver(BaseKustoSaver):
         ``strong`` savers are always caught up; ``eventual`` savers track nothing.
         """
         refuse_event_loop_thread()
-        if self.cache is None:
-            if self.consistency is Consistency.STRONG:
-                return
-            raise ValueError(
-                "wait_for_ingestion needs consistency='session' (or 'strong'); "
-                "an 'eventual' saver does not track what it published"
-            )
-        self._wait_ingested(self._pending_wait(timeout))
+        if (wait := self._pending_wait(timeout)) is not None:
+            self._wait_ingested(wait)
 
     # -- async API: not this saver's ------------------------------------------
 

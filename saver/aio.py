@@ -6,7 +6,7 @@ import asyncio
 import builtins
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
 
 from langchain_core.runnables import RunnableConfig
@@ -91,19 +91,21 @@ class AsyncKustoSaver(BaseKustoSaver):
         up after ``query_timeout`` seconds (``KustoNetworkError``).
         """
         settings = resolve_arguments(queue, cluster, database)
-        queries = AsyncKustoQueries(
-            settings.cluster, settings.database, credential, query_timeout=query_timeout
-        )
-        outbox = open_async_sender(settings.queue)
-        saver = None
-        try:
+        # each connection is closed, last opened first, even when a later one or the
+        # saver fails to open (a bad queue URL, a bad option)
+        async with AsyncExitStack() as opened:
+            outbox = open_async_sender(settings.queue)
+            opened.push_async_callback(outbox.close)
+            queries = AsyncKustoQueries(
+                settings.cluster, settings.database, credential, query_timeout=query_timeout
+            )
+            opened.push_async_callback(queries.close)
             saver = cls(outbox, queries, consistency=consistency, serde=serde, **options)
-            yield saver
-        finally:
-            if saver is not None and saver._confirming is not None:
-                saver._confirming.cancel()  # only frees room, and the connection closes
-            await queries.close()
-            await outbox.close()
+            try:
+                yield saver
+            finally:
+                if saver._confirming is not None:
+                    saver._confirming.cancel()  # only frees room, and the connection closes
 
     async def setup(self, *, provision: bool = False) -> None:
         """Check the schema; with ``provision=True`` apply provision.kql first."""
@@ -401,11 +403,5 @@ class AsyncKustoSaver(BaseKustoSaver):
         ``EventDeadLetteredError`` if the ingestor dead-lettered one of them.
         ``strong`` savers are always caught up; ``eventual`` savers track nothing.
         """
-        if self.cache is None:
-            if self.consistency is Consistency.STRONG:
-                return
-            raise ValueError(
-                "wait_for_ingestion needs consistency='session' (or 'strong'); "
-                "an 'eventual' saver does not track what it published"
-            )
-        await self._wait_ingested(self._pending_wait(timeout))
+        if (wait := self._pending_wait(timeout)) is not None:
+            await self._wait_ingested(wait)

@@ -562,11 +562,20 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         sent = {event.event_id: event.seq for event in events}
         return IngestionWait(self.strong_timeout, lambda: sent, write_sent=True)
 
-    def _pending_wait(self, timeout: float | None) -> IngestionWait:
-        """``wait_for_ingestion``'s wait: for every event published so far."""
-        assert self.cache is not None
+    def _pending_wait(self, timeout: float | None) -> IngestionWait | None:
+        """``wait_for_ingestion``'s wait: for every event published so far, or ``None`` for
+        a ``strong`` saver, always caught up. ``timeout`` is checked in every mode, so a
+        bad one is named rather than blamed on the worker or failing inside a query."""
+        seconds = self.strong_timeout if timeout is None else _checked_seconds("timeout", timeout)
+        if self.cache is None:
+            if self.consistency is Consistency.STRONG:
+                return None
+            raise ValueError(
+                "wait_for_ingestion needs consistency='session' (or 'strong'); "
+                "an 'eventual' saver does not track what it published"
+            )
         pending = self.cache.pending_events()
-        return IngestionWait(self.strong_timeout if timeout is None else timeout, lambda: pending)
+        return IngestionWait(seconds, lambda: pending)
 
     def _awaited(self, config: RunnableConfig | None, *, single: bool) -> dict[str, int]:
         """Events to wait for before Kusto's answer about ``config`` can be trusted. Asked

@@ -9,11 +9,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, TypedDict
 
+import langgraph.checkpoint.kusto
+import langgraph.checkpoint.kusto.aio
 import pytest
 from azure.kusto.data.exceptions import KustoNetworkError, KustoServiceError
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.kusto import AsyncKustoSaver, KustoSaver
 from langgraph.checkpoint.kusto.base import reachability_explained
+from langgraph.checkpoint.kusto.kusto import AsyncKustoQueries, KustoQueries
 from langgraph.checkpoint.kusto.local.kusto_server import LocalKustoServer, start_local_kusto
 from langgraph.checkpoint.kusto.outbox import open_queue
 from langgraph.checkpoint.kusto.schema import SchemaError
@@ -229,6 +232,40 @@ async def test_async_method_arguments_are_named_when_wrong(queue_url: str) -> No
     assert _queued(queue_url) == 0
 
 
+BAD_WAIT_TIMEOUTS = pytest.mark.parametrize(
+    ("timeout", "shown"),
+    [(-5, "-5"), (0, "0"), (float("nan"), "nan"), (float("inf"), "inf"), ("10", "'10'")],
+    ids=["negative", "zero", "nan", "inf", "str"],
+)
+
+
+@pytest.mark.parametrize("consistency", ["session", "eventual", "strong"])
+@BAD_WAIT_TIMEOUTS
+def test_wait_for_ingestion_names_a_bad_timeout_in_every_mode(
+    queue_url: str, consistency: str, timeout: Any, shown: str
+) -> None:
+    """-5 or 0 waited for nothing and blamed the worker ("After -5s Kusto does not hold 1
+    event ... Is the ingestor worker running?"), nan failed inside a query ("cannot convert
+    float NaN to integer"), "10" was a TypeError, and a ``strong`` saver accepted them."""
+    with KustoSaver.from_conn_string(queue_url, NOTHING_LISTENS, consistency=consistency) as s:
+        if consistency == "session":  # something to wait for
+            _put(s, {"thread_id": "t1"})
+        with pytest.raises(ValueError, match=f"timeout must be .* above 0, got {shown}$"):
+            s.wait_for_ingestion(timeout=timeout)
+        if consistency == "strong":  # None still means "strong_timeout": nothing to wait for
+            s.wait_for_ingestion(timeout=None)
+
+
+@BAD_WAIT_TIMEOUTS
+async def test_async_wait_for_ingestion_names_a_bad_timeout(
+    queue_url: str, timeout: Any, shown: str
+) -> None:
+    async with AsyncKustoSaver.from_conn_string(queue_url, NOTHING_LISTENS) as saver:
+        await saver.aput({"configurable": {"thread_id": "t1"}}, empty_checkpoint(), {}, {})
+        with pytest.raises(ValueError, match=f"timeout must be .* above 0, got {shown}$"):
+            await saver.wait_for_ingestion(timeout=timeout)
+
+
 # -- the sync saver's async methods -------------------------------------------------
 
 
@@ -359,6 +396,52 @@ async def test_an_empty_connection_argument_is_refused_not_replaced_by_the_defau
     with pytest.raises(ValueError, match=message):
         async with AsyncKustoSaver.from_conn_string(**arguments):
             pass
+
+
+@pytest.fixture
+def unclosed_kusto_clients(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The Kusto clients savers opened and have not closed."""
+    unclosed: list[object] = []
+
+    class RecordedQueries(KustoQueries):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            unclosed.append(self)
+
+        def close(self) -> None:
+            unclosed.remove(self)
+            super().close()
+
+    class RecordedAsyncQueries(AsyncKustoQueries):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            unclosed.append(self)
+
+        async def close(self) -> None:
+            unclosed.remove(self)
+            await super().close()
+
+    monkeypatch.setattr(langgraph.checkpoint.kusto, "KustoQueries", RecordedQueries)
+    monkeypatch.setattr(langgraph.checkpoint.kusto.aio, "AsyncKustoQueries", RecordedAsyncQueries)
+    return unclosed
+
+
+async def test_a_bad_queue_url_leaves_no_kusto_client_open(
+    unclosed_kusto_clients: list[object],
+) -> None:
+    """The Kusto client was opened before the queue and not closed when the queue URL was
+    refused: the async saver's ValueError was followed by aiohttp's "Unclosed client
+    session" on stderr."""
+    message = r"Not a SQLite queue URL: 'sqlite:outbox\.db'"
+    with (
+        pytest.raises(ValueError, match=message),
+        KustoSaver.from_conn_string("sqlite:outbox.db", NOTHING_LISTENS),
+    ):
+        pass
+    with pytest.raises(ValueError, match=message):
+        async with AsyncKustoSaver.from_conn_string("sqlite:outbox.db", NOTHING_LISTENS):
+            pass
+    assert unclosed_kusto_clients == []
 
 
 # -- Kusto not running, or not what the saver expects ---------------------------------
