@@ -113,12 +113,12 @@ class KustoSaver(BaseKustoSaver):
         # each connection is closed, last opened first, even when a later one or the
         # saver fails to open (a bad queue URL, a bad option)
         with ExitStack() as opened:
-            outbox = open_sender(settings.queue)
-            opened.callback(outbox.close)
-            queries = KustoQueries(
+            queries = KustoQueries(  # first: a bad cluster URL then creates no queue file
                 settings.cluster, settings.database, credential, query_timeout=query_timeout
             )
             opened.callback(queries.close)
+            outbox = open_sender(settings.queue)
+            opened.callback(outbox.close)
             yield cls(outbox, queries, consistency=consistency, serde=serde, **options)
 
     def setup(self, *, provision: bool = False) -> None:

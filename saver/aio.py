@@ -94,12 +94,12 @@ class AsyncKustoSaver(BaseKustoSaver):
         # each connection is closed, last opened first, even when a later one or the
         # saver fails to open (a bad queue URL, a bad option)
         async with AsyncExitStack() as opened:
-            outbox = open_async_sender(settings.queue)
-            opened.push_async_callback(outbox.close)
-            queries = AsyncKustoQueries(
+            queries = AsyncKustoQueries(  # first: a bad cluster URL then creates no queue file
                 settings.cluster, settings.database, credential, query_timeout=query_timeout
             )
             opened.push_async_callback(queries.close)
+            outbox = open_async_sender(settings.queue)
+            opened.push_async_callback(outbox.close)
             saver = cls(outbox, queries, consistency=consistency, serde=serde, **options)
             try:
                 yield saver

@@ -55,9 +55,12 @@ def cluster_port(cluster: str) -> int | None:
     the port only when asked for it, and a bad one would otherwise surface as a network
     error (the local server "not running") on every request."""
     try:
-        return urlparse(cluster).port
+        port = urlparse(cluster).port
     except ValueError as exc:  # out of range, or not a number
         raise ValueError(f"cluster {cluster!r} has an unusable port: {exc}") from None
+    if port == 0:  # "any free port" to a server, no port at all to a client
+        raise ValueError(f"cluster {cluster!r} has an unusable port: 0")
+    return port
 
 
 def connection_string(

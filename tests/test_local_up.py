@@ -314,6 +314,7 @@ def test_a_cluster_url_with_an_unusable_port_is_refused_by_local_up_and_the_save
     for cluster, reason in (
         ("http://127.0.0.1:99999", "Port out of range 0-65535"),
         ("http://127.0.0.1:abc", "Port could not be cast to integer value as 'abc'"),
+        ("http://127.0.0.1:0", "0"),  # a server's "any free port": no app could find it
     ):
         message = f"cluster {cluster!r} has an unusable port: {reason}"
         # No --port: `local up` takes its port from the cluster URL.

@@ -743,6 +743,85 @@ async def test_closing_the_async_sender_commits_what_waits_for_the_lock(db: Path
         assert [m.message_id for m in queue.receive(10, 0)] == ["a"]
 
 
+async def test_a_send_joining_the_wait_late_gets_its_own_time_before_failing(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_queue, "BUSY_TIMEOUT_SECONDS", 0.5)
+    sender = AsyncSqliteSender(SqliteQueue(db))
+    holder = _hold_write_lock(db)
+    early = asyncio.ensure_future(sender.send([msg("early")]))
+    await asyncio.sleep(0.4)
+    late = asyncio.ensure_future(sender.send([msg("late")]))
+    with pytest.raises(OutboxError, match="stayed locked by another process"):
+        await early
+    await asyncio.sleep(0.05)
+    assert not late.done()  # it has waited ~0.15 s of its 0.5 s
+    holder.execute("COMMIT")
+    await asyncio.wait_for(late, 10)
+    assert [m.message_id for m in sender.queue.receive(10, 0)] == ["late"]
+    holder.close()
+    await sender.close()
+
+
+async def test_a_bad_send_in_a_waiting_group_fails_alone_and_the_rest_keep_their_order(
+    db: Path,
+) -> None:
+    sender = AsyncSqliteSender(SqliteQueue(db))
+    holder = _hold_write_lock(db)
+    bad = OutboxMessage(b"x", "bad", "s1", {"not json": object()})  # type: ignore[dict-item]
+    waiting = [asyncio.ensure_future(sender.send([m])) for m in (msg("a"), bad, msg("b"))]
+    await asyncio.sleep(0.01)
+    holder.execute("COMMIT")
+    # The group's next try raises. Whenever "c" is sent, before that or after, it must
+    # not overtake "b" (5 ms: while the old code retried each send alone in a thread).
+    await asyncio.sleep(0.005)
+    after = asyncio.ensure_future(sender.send([msg("c")]))
+    results = await asyncio.wait_for(asyncio.gather(*waiting, after, return_exceptions=True), 10)
+    assert isinstance(results[1], TypeError)
+    assert [m.message_id for m in sender.queue.receive(10, 0)] == ["a", "b", "c"]
+    holder.close()
+    await sender.close()
+
+
+async def test_closing_with_sends_behind_a_stuck_lock_takes_one_timeout_not_one_per_send(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_queue, "BUSY_TIMEOUT_SECONDS", 0.3)
+    sender = AsyncSqliteSender(SqliteQueue(db))
+    holder = _hold_write_lock(db)
+    waiting = [asyncio.ensure_future(sender.send([msg(f"m{i}")])) for i in range(20)]
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    await asyncio.wait_for(sender.close(), 30)
+    assert time.monotonic() - started < 20 * 0.3  # retried one by one, each waited it all
+    for outcome in await asyncio.gather(*waiting, return_exceptions=True):
+        assert isinstance(outcome, OutboxError)
+    holder.close()
+
+
+def test_a_send_left_waiting_when_its_loop_ended_goes_out_with_the_next_loop(db: Path) -> None:
+    """A caller that gave up while the lock was held, in a loop that then ended: its send
+    still goes out (as a cancelled caller's always does), and it does not block the next."""
+    sender = AsyncSqliteSender(SqliteQueue(db))
+    holder = _hold_write_lock(db)
+
+    async def give_up() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(sender.send([msg("given up")]), 0.05)
+
+    asyncio.run(give_up())
+    holder.execute("COMMIT")
+    holder.close()
+
+    async def send_again() -> None:
+        await asyncio.wait_for(sender.send([msg("next")]), 10)
+        await sender.close()
+
+    asyncio.run(send_again())
+    with SqliteQueue(db) as queue:
+        assert [m.message_id for m in queue.receive(10, 0)] == ["given up", "next"]
+
+
 async def test_a_failing_send_fails_alone_in_its_group(db: Path) -> None:
     sender = AsyncSqliteSender(SqliteQueue(db))
     bad = OutboxMessage(b"x", "bad", "s1", {"not json": object()})  # type: ignore[dict-item]

@@ -45,7 +45,7 @@ from . import (
     queue_id,
     replay_message_id,
 )
-from .grouping import SendGroups, commit, failed, in_background, settle
+from .grouping import SendGroups, settle
 
 __all__ = ["AsyncSqliteSender", "SqliteQueue", "SqliteUrl", "WriteLockBusy", "parse_url"]
 
@@ -798,62 +798,74 @@ class AsyncSqliteSender:
     A group is the sends of one event-loop iteration, committed on the loop's own thread:
     its transaction is ~70 µs of local I/O. While another process holds the write lock,
     the group stays on the loop and tries again after 50 µs, doubling to 2 ms, joined by
-    the sends made meanwhile, so groups commit in the order they were sent. A worker
-    thread would wait for the GIL after each statement while the loop is busy: in the
-    benchmark's graph, sends handed to one took 6-8 ms each (p50), against ~0.4 ms on the
-    loop, and the graph ran 10-37% slower.
+    the sends made meanwhile, so the queue takes sends in the order they were made; a send
+    still waiting after ``BUSY_TIMEOUT_SECONDS`` fails. A worker thread would wait for the
+    GIL after each statement while the loop is busy: in the benchmark's graph, sends handed
+    to one took 6-8 ms each (p50), against ~0.4 ms on the loop, and the graph ran 10-37%
+    slower.
     """
 
     def __init__(self, queue: SqliteQueue) -> None:
         self.queue = queue
         self._groups = SendGroups()
-        self._retry: asyncio.TimerHandle | None = None
+        self._scheduled: asyncio.Handle | None = None
+        """The next commit of the waiting sends, if one is scheduled ..."""
+        self._scheduled_on: asyncio.AbstractEventLoop | None = None
+        """... and the loop it is scheduled on."""
         self._delay = LOCK_RETRY_FIRST_DELAY
-        self._locked_since: float | None = None
 
     async def send(self, messages: Sequence[OutboxMessage]) -> None:
         _check_messages(messages)
         if not messages:
             return
-        if not self._groups and self._retry is None:
-            asyncio.get_running_loop().call_soon(self._commit_group)
+        self._schedule()
         await self._groups.add(messages)
 
-    def _commit_group(self) -> None:
-        self._retry = None
-        messages = self._groups.messages()
-        try:
-            sent = self.queue.try_send(messages)
-        except Exception as error:
-            self._locked_since = None
-            in_background(failed(self._groups.take()[0], error, self._send_in_thread))
-            return
-        if sent:
-            self._locked_since, self._delay = None, LOCK_RETRY_FIRST_DELAY
-            settle(self._groups.take()[0], None)
-            return
-        now = time.monotonic()
-        if self._locked_since is None:
-            self._locked_since = now
-        elif now - self._locked_since > BUSY_TIMEOUT_SECONDS:
-            self._locked_since = None
-            settle(self._groups.take()[0], self.queue._locked_too_long("database is locked"))
-            return
-        self._retry = asyncio.get_running_loop().call_later(self._delay, self._commit_group)
-        self._delay = min(self._delay * 2, LOCK_RETRY_MAX_DELAY)
+    def _schedule(self) -> None:
+        """A commit soon on the running loop, unless one is scheduled already: also when
+        the loop it was scheduled on has ended, leaving the sends of its cancelled callers
+        waiting (they are still sent, as a cancelled caller's always are)."""
+        if self._scheduled is None or (
+            self._scheduled_on is not None and self._scheduled_on.is_closed()
+        ):
+            self._scheduled_on = asyncio.get_running_loop()
+            self._scheduled = self._scheduled_on.call_soon(self._commit_group)
 
-    async def _send_in_thread(self, messages: Sequence[OutboxMessage]) -> None:
-        """A worker thread waits for the write lock, not the loop (sends retried alone)."""
-        await asyncio.to_thread(self.queue.send, messages)
+    def _commit_group(self) -> None:
+        self._scheduled = None
+        try:
+            if self.queue.try_send(self._groups.messages()):
+                settle(self._groups.take()[0], None)
+        except Exception:
+            self._commit_alone()
+        if self._groups:  # another process holds the write lock
+            expired = self._groups.take_older_than(BUSY_TIMEOUT_SECONDS)
+            settle(expired, self.queue._locked_too_long("database is locked"))
+        if self._groups:
+            loop = asyncio.get_running_loop()
+            self._scheduled = loop.call_later(self._delay, self._commit_group)
+            self._delay = min(self._delay * 2, LOCK_RETRY_MAX_DELAY)
+        else:
+            self._delay = LOCK_RETRY_FIRST_DELAY
+
+    def _commit_alone(self) -> None:
+        """After a group's commit raised: each send alone, oldest first, so that only the
+        bad one fails and no later send overtakes the others. Stops while the lock is held."""
+        while self._groups:
+            try:
+                if not self.queue.try_send(self._groups.first()):
+                    return
+            except Exception as error:
+                settle(self._groups.take_first(), error)
+            else:
+                settle(self._groups.take_first(), None)
 
     async def close(self) -> None:
-        """Commit what is still waiting for the lock, then close the queue."""
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
-        if self._groups:
-            group, messages = self._groups.take()
-            await commit(group, messages, self._send_in_thread)
+        """Let what waits for the write lock be committed (or fail after waiting
+        ``BUSY_TIMEOUT_SECONDS``), then close the queue."""
+        while self._groups:
+            self._schedule()
+            await asyncio.sleep(LOCK_RETRY_MAX_DELAY)
         self.queue.close()
 
 
