@@ -799,7 +799,10 @@ async def test_closing_with_sends_behind_a_stuck_lock_takes_one_timeout_not_one_
     holder.close()
 
 
-def test_a_send_left_waiting_when_its_loop_ended_goes_out_with_the_next_loop(db: Path) -> None:
+@pytest.mark.parametrize("closed", [True, False], ids=["loop closed", "loop left open"])
+def test_a_send_left_waiting_when_its_loop_ended_goes_out_with_the_next_loop(
+    db: Path, closed: bool
+) -> None:
     """A caller that gave up while the lock was held, in a loop that then ended: its send
     still goes out (as a cancelled caller's always does), and it does not block the next."""
     sender = AsyncSqliteSender(SqliteQueue(db))
@@ -809,17 +812,78 @@ def test_a_send_left_waiting_when_its_loop_ended_goes_out_with_the_next_loop(db:
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(sender.send([msg("given up")]), 0.05)
 
-    asyncio.run(give_up())
+    first = asyncio.new_event_loop()
+    first.run_until_complete(give_up())
+    if closed:
+        first.close()
     holder.execute("COMMIT")
     holder.close()
 
     async def send_again() -> None:
         await asyncio.wait_for(sender.send([msg("next")]), 10)
-        await sender.close()
+        await asyncio.wait_for(sender.close(), 10)
 
     asyncio.run(send_again())
     with SqliteQueue(db) as queue:
         assert [m.message_id for m in queue.receive(10, 0)] == ["given up", "next"]
+    first.close()
+
+
+def test_a_send_whose_loop_closed_under_it_does_not_stop_the_others(db: Path) -> None:
+    """Its caller's future can take no result any more; the sends around it still must."""
+    sender = AsyncSqliteSender(SqliteQueue(db))
+    holder = _hold_write_lock(db)
+    first = asyncio.new_event_loop()
+    orphaned = first.create_task(sender.send([msg("orphaned")]))
+    first.run_until_complete(asyncio.sleep(0.02))
+    first.close()  # with the task still waiting for the lock
+    assert not orphaned.done()
+    holder.execute("COMMIT")
+    holder.close()
+
+    async def send_again() -> None:
+        await asyncio.wait_for(sender.send([msg("next")]), 10)
+        await asyncio.wait_for(sender.close(), 10)
+
+    asyncio.run(send_again())
+    with SqliteQueue(db) as queue:
+        assert [m.message_id for m in queue.receive(10, 0)] == ["orphaned", "next"]
+
+
+async def test_a_bad_send_in_a_large_waiting_group_does_not_hold_the_loop(db: Path) -> None:
+    """Retried one transaction at a time after the group's commit raised, a few per loop
+    iteration."""
+    sender = AsyncSqliteSender(SqliteQueue(db))
+    iteration = 0
+
+    async def count_iterations() -> None:
+        nonlocal iteration
+        while True:
+            iteration += 1
+            await asyncio.sleep(0)
+
+    tries_per_iteration: defaultdict[int, int] = defaultdict(int)
+    try_send = sender.queue.try_send
+
+    def counted(messages: Any) -> bool:
+        tries_per_iteration[iteration] += 1
+        return try_send(messages)
+
+    sender.queue.try_send = counted  # type: ignore[method-assign]
+    counter = asyncio.ensure_future(count_iterations())
+    holder = _hold_write_lock(db)
+    bad = OutboxMessage(b"x", "bad", "s1", {"not json": object()})  # type: ignore[dict-item]
+    sends = [msg(f"m{i}") for i in range(500)] + [bad] + [msg(f"n{i}") for i in range(500)]
+    waiting = [asyncio.ensure_future(sender.send([m])) for m in sends]
+    await asyncio.sleep(0.01)
+    holder.execute("COMMIT")
+    results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 60)
+    counter.cancel()
+    assert [type(r) for r in results if r is not None] == [TypeError]
+    assert max(tries_per_iteration.values()) <= sqlite_queue.ALONE_PER_ITERATION + 1
+    assert sender.queue.depth() == 1000
+    holder.close()
+    await sender.close()
 
 
 async def test_a_failing_send_fails_alone_in_its_group(db: Path) -> None:

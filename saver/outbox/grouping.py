@@ -72,7 +72,9 @@ class SendGroups:
 
 def settle(group: Group, error: BaseException | None) -> None:
     for _, done in group:
-        if done.done():  # its caller was cancelled; the messages still went out
+        # Its caller was cancelled (the messages still went out), or its loop has ended
+        # (the future could not take a result).
+        if done.done() or done.get_loop().is_closed():
             continue
         if error is None:
             done.set_result(None)
