@@ -612,11 +612,15 @@ def _age(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(text: str) -> int:
+def _whole_number(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _positive(text: str) -> int:
+    value = _whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -631,10 +635,7 @@ def _thread_id(text: str) -> str:
 
 
 def _sequence_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = _whole_number(text)
     if not 0 <= value <= _MAX_SEQUENCE_NUMBER:
         raise argparse.ArgumentTypeError(
             f"must be a sequence number from 0 to {_MAX_SEQUENCE_NUMBER}, got {value}"
