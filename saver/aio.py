@@ -299,11 +299,11 @@ class AsyncKustoSaver(BaseKustoSaver):
         """Send the events' messages in one call; in ``strong`` mode wait for Kusto."""
         if not events:
             return
+        messages = [m for event in events for m in self._messages(event)]
         reserved = await self._make_room(len(events))
-        send = asyncio.ensure_future(
-            self.outbox.send([m for event in events for m in self._messages(event)])
-        )
         try:
+            # A future, not a task, from the SQLite sender: a task per write cost ~60 µs.
+            send = asyncio.ensure_future(self.outbox.send(messages))
             await asyncio.shield(send)
         except asyncio.CancelledError:
             # The caller gave up, but a queue cannot take a send back: what it commits is

@@ -834,7 +834,11 @@ def test_a_send_whose_loop_closed_under_it_does_not_stop_the_others(db: Path) ->
     sender = AsyncSqliteSender(SqliteQueue(db))
     holder = _hold_write_lock(db)
     first = asyncio.new_event_loop()
-    orphaned = first.create_task(sender.send([msg("orphaned")]))
+
+    async def send_orphaned() -> None:
+        await sender.send([msg("orphaned")])
+
+    orphaned = first.create_task(send_orphaned())
     first.run_until_complete(asyncio.sleep(0.02))
     first.close()  # with the task still waiting for the lock
     assert not orphaned.done()

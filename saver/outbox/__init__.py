@@ -29,7 +29,7 @@ Rules every backend keeps (``tests/test_queue_contract.py`` holds them to it):
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -130,7 +130,9 @@ class OutboxSender(Protocol):
 class AsyncOutboxSender(Protocol):
     """The ``asyncio`` twin of ``OutboxSender``."""
 
-    async def send(self, messages: Sequence[OutboxMessage]) -> None: ...
+    def send(self, messages: Sequence[OutboxMessage]) -> Awaitable[None]:
+        """Start sending; the awaitable ends once the queue has the messages."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -70,6 +70,13 @@ class SendGroups:
         return group
 
 
+def nothing_to_send() -> asyncio.Future[None]:
+    """What a send of no messages returns: a future already done."""
+    done = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done
+
+
 def settle(group: Group, error: BaseException | None) -> None:
     for _, done in group:
         # Its caller was cancelled (the messages still went out), or its loop has ended

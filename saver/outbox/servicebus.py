@@ -99,7 +99,7 @@ from . import (
     redact_queue_url,
     replay_message_id,
 )
-from .grouping import SendGroups, commit, in_background
+from .grouping import SendGroups, commit, in_background, nothing_to_send
 
 __all__ = [
     "AsyncServiceBusSender",
@@ -1004,15 +1004,15 @@ class AsyncServiceBusSender:
     def where(self) -> str:
         return f"queue {self.queue!r} in {self.settings.namespace}"
 
-    async def send(self, messages: Sequence[OutboxMessage]) -> None:
+    def send(self, messages: Sequence[OutboxMessage]) -> asyncio.Future[None]:
         """As ``ServiceBusQueue.send``."""
         if not messages:
-            return
+            return nothing_to_send()
         done = self._groups.add(messages)
         if not self._committing:
             self._committing = True
             in_background(self._commit_groups())
-        await done
+        return done
 
     async def _commit_groups(self) -> None:
         try:

@@ -45,7 +45,7 @@ from . import (
     queue_id,
     replay_message_id,
 )
-from .grouping import SendGroups, settle
+from .grouping import SendGroups, nothing_to_send, settle
 
 __all__ = ["AsyncSqliteSender", "SqliteQueue", "SqliteUrl", "WriteLockBusy", "parse_url"]
 
@@ -818,12 +818,12 @@ class AsyncSqliteSender:
         """... and the loop it is scheduled on."""
         self._delay = LOCK_RETRY_FIRST_DELAY
 
-    async def send(self, messages: Sequence[OutboxMessage]) -> None:
+    def send(self, messages: Sequence[OutboxMessage]) -> asyncio.Future[None]:
         _check_messages(messages)
         if not messages:
-            return
+            return nothing_to_send()
         self._schedule()
-        await self._groups.add(messages)
+        return self._groups.add(messages)
 
     def _schedule(self) -> None:
         """A commit soon on the running loop, unless one is scheduled there already: also
