@@ -8,9 +8,11 @@ import copy
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from langchain_core.messages import HumanMessage
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.kusto import AsyncKustoSaver, IngestionTimeoutError, KustoSaver
@@ -254,13 +256,18 @@ async def test_encrypted_serializer_round_trips_and_kusto_never_sees_plaintext(
         assert found is not None and found.checkpoint["channel_values"] == {"secret": secret}
 
 
-async def test_cached_reads_hand_out_fresh_objects(stack: Any) -> None:
+@pytest.mark.parametrize(
+    "first_message",
+    [pytest.param("hello", id="plain values"), pytest.param(HumanMessage("hello"), id="objects")],
+)
+async def test_cached_reads_hand_out_fresh_objects(stack: Any, first_message: Any) -> None:
+    """Plain values and objects are snapshotted differently (msgpack, pickle): both."""
     thread_id = f"fresh-{uuid.uuid4().hex[:8]}"
     config = {"configurable": {"thread_id": thread_id}}
     async with AsyncKustoSaver.from_conn_string(
         stack.queue_url, stack.cluster, stack.database
     ) as saver:
-        _checkpoint_values = {"messages": ["hello"], "nested": {"k": [1, 2]}}
+        _checkpoint_values = {"messages": [first_message], "nested": {"k": [1, 2]}}
         checkpoint = _checkpoint(copy.deepcopy(_checkpoint_values))
         written = await saver.aput(
             {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
@@ -279,6 +286,8 @@ async def test_cached_reads_hand_out_fresh_objects(stack: Any) -> None:
             found = await saver.aget_tuple(config)
             assert found == expected
             assert found.pending_writes[0] == ("task-1", "messages", {"note": ["w"]})
+            if isinstance(first := found.checkpoint["channel_values"]["messages"][0], HumanMessage):
+                first.content = "mutated"
             found.checkpoint["channel_values"]["messages"].append("mutated")
             found.checkpoint["channel_values"]["nested"]["k"].clear()
             found.checkpoint["channel_versions"]["messages"] = "999"
@@ -286,6 +295,59 @@ async def test_cached_reads_hand_out_fresh_objects(stack: Any) -> None:
             found.config["configurable"]["checkpoint_id"] = "other"
             found.pending_writes[0][2]["note"].append("mutated")
             found.pending_writes.clear()
+
+
+def _typed(value: Any) -> Any:
+    """``value`` with the type of every part, so that equal values of other types differ."""
+    if isinstance(value, dict):
+        return dict, sorted((repr(_typed(k)), _typed(v)) for k, v in value.items())
+    if isinstance(value, list | tuple | set):
+        return type(value), [_typed(item) for item in value]
+    return type(value), value
+
+
+SNAPSHOT_VALUES = {
+    "bytearray": bytearray(b"\x00\x01"),
+    "number keys": {1: "one"},
+    "datetime": datetime(2026, 1, 1, tzinfo=UTC),
+    "uuid": uuid.UUID(int=7),
+    "set": {"a"},
+    "message": HumanMessage("hi"),
+    "plain": {"k": [1.5, None, True, b"x", -(2**63), "é"]},
+}
+
+
+@pytest.mark.parametrize("value", SNAPSHOT_VALUES.values(), ids=SNAPSHOT_VALUES.keys())
+async def test_cached_reads_return_the_values_and_types_a_kusto_read_returns(
+    stack: Any, value: Any
+) -> None:
+    """The snapshot behind cache hits must not change a type a Kusto read keeps: msgpack
+    would turn a bytearray into bytes, and a dict with number keys is not plain."""
+    thread_id = f"types-{uuid.uuid4().hex[:8]}"
+    config = {"configurable": {"thread_id": thread_id}}
+    values = {"value": value, "plain": ["a", 1]}
+    async with AsyncKustoSaver.from_conn_string(
+        stack.queue_url, stack.cluster, stack.database
+    ) as saver:
+        checkpoint = _checkpoint(values)
+        written = await saver.aput(
+            {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
+            checkpoint,
+            {"step": 0},
+            checkpoint["channel_versions"],
+        )
+        await saver.aput_writes(written, [("value", value)], "task-1")
+        cached = [await saver.aget_tuple(config) for _ in range(2)]  # the snapshot's maker, a hit
+        await saver.wait_for_ingestion(timeout=30)
+    async with AsyncKustoSaver.from_conn_string(
+        stack.queue_url, stack.cluster, stack.database, consistency="eventual"
+    ) as reader:
+        from_kusto = await reader.aget_tuple(config)
+    assert from_kusto is not None
+    assert _typed(from_kusto.checkpoint["channel_values"]) == _typed(values)
+    for found in cached:
+        assert found is not None
+        assert _typed(list(found)) == _typed(list(from_kusto))
 
 
 def test_with_allowlist_returns_a_working_saver(stack: Any) -> None:
