@@ -629,25 +629,31 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
 
     def _snapshot(self, stored: StoredCheckpoint) -> Snapshot | None:
         """The whole tuple as one value, so a cache hit is one decode (and hands out
-        objects nobody else holds). ``None`` if it cannot be encoded as a whole.
+        objects nobody else holds). ``None`` (the entry is then served value by value) if
+        no snapshot carries its values back equal.
 
-        It carries back exactly the values the serde decoded: plain JSON-like values by
-        msgpack, the fastest decode (the benchmark's tuple: ~2.7 µs, against ~3.6 by the
-        serde), anything else by pickle (a tuple holding four LangChain messages: ~25 µs,
-        against ~90 by the serde). The bytes never leave this process: pickle only ever
-        reads what this process wrote. The read that makes it is served from it too."""
+        Plain JSON-like values go by msgpack, the fastest decode (the benchmark's tuple:
+        ~2.7 µs, against ~3.6 by the serde); anything else by pickle (a tuple holding four
+        LangChain messages: ~25 µs, against ~90 by the serde), once one decode has given
+        back equal values: an object can pickle and then not unpickle (an exception whose
+        ``__init__`` takes other arguments than its ``args``). The bytes never leave this
+        process: pickle only ever reads what this process wrote. The read that makes the
+        snapshot is served from it too."""
         found = self._to_tuple(stored)
         writes = found.pending_writes
         fields = [*found[:4], None if writes is None else [list(write) for write in writes]]
         if _is_plain(fields):
             try:
                 return PLAIN_SNAPSHOT, ormsgpack.packb(fields)
-            except TypeError:  # an int beyond 64 bits
+            except TypeError:  # an int beyond 64 bits, or deeper than msgpack nests
                 pass
         try:
-            return PICKLED_SNAPSHOT, pickle.dumps(list(found), protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # a value pickle refuses: serve this entry value by value instead
-            return None
+            pickled = pickle.dumps(list(found), protocol=pickle.HIGHEST_PROTOCOL)
+            if pickle.loads(pickled) == list(found):
+                return PICKLED_SNAPSHOT, pickled
+        except Exception:  # a value pickle refuses either way
+            pass
+        return None
 
     @staticmethod
     def _tuple_query(address: CheckpointAddress) -> Query:
@@ -931,15 +937,19 @@ _PLAIN_LEAVES = frozenset({str, int, float, bool, bytes, type(None)})
 
 
 def _is_plain(value: Any) -> bool:
-    """Whether msgpack carries ``value`` back exactly: lists, dicts with string keys and
-    leaves of exactly those types (a tuple comes back a list, a bytearray as bytes, a
-    subclass as its base)."""
+    """Whether msgpack carries ``value`` back exactly: a tree of lists and dicts with
+    string keys, its leaves of exactly those types (a tuple comes back a list, a bytearray
+    as bytes, a subclass as its base, and a list held twice as two lists)."""
     pending = [value]
+    seen: set[int] = set()
     while pending:
         item = pending.pop()
         kind = type(item)
         if kind in _PLAIN_LEAVES:
             continue
+        if id(item) in seen:  # shared, or even holding itself: pickle keeps that
+            return False
+        seen.add(id(item))
         if kind is list:
             pending.extend(item)
         elif kind is dict and all(type(key) is str for key in item):

@@ -51,7 +51,7 @@ keeps, beyond the first (``PENDING_EVENT_BYTES`` covers one). Measured on CPytho
 
 _WriteSlots = dict[tuple[str, int], StoredWrite]
 Snapshot = tuple[str, bytes]
-"""A whole checkpoint tuple as one ``(type, bytes)`` value of the saver's serde."""
+"""A whole checkpoint tuple as one ``(encoding, bytes)`` value, made by the saver."""
 SnapshotFunction = Callable[[StoredCheckpoint], Snapshot | None]
 _NO_SNAPSHOT: Snapshot = ("", b"")
 """Marks an entry the snapshot function declined, so it is not asked again."""

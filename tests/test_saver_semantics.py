@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import threading
 import time
 import uuid
@@ -22,6 +23,7 @@ from langgraph.checkpoint.kusto.outbox import open_queue
 from langgraph.checkpoint.kusto.queries import Query, select_checkpoints
 from langgraph.checkpoint.kusto.shared.ids import SequenceClock
 from langgraph.checkpoint.serde.encrypted import EncryptedSerializer
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 
 
 def _checkpoint(values: dict[str, Any], step: int = 0) -> Any:
@@ -348,6 +350,55 @@ async def test_cached_reads_return_the_values_and_types_a_kusto_read_returns(
     for found in cached:
         assert found is not None
         assert _typed(list(found)) == _typed(list(from_kusto))
+
+
+@dataclasses.dataclass
+class ToolError(Exception):
+    """Pickles, but does not unpickle: pickle calls ``ToolError(*args)``, args is ()."""
+
+    code: int
+
+
+def _holding_itself() -> list[Any]:
+    looped: list[Any] = ["a"]
+    looped.append(looped)
+    return looped
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("value", "serde"),
+    [
+        pytest.param(
+            ToolError(429),
+            JsonPlusSerializer(allowed_msgpack_modules=[(__name__, "ToolError")]),
+            id="an object pickle cannot load",
+        ),
+        pytest.param(
+            _holding_itself(), JsonPlusSerializer(pickle_fallback=True), id="a list in itself"
+        ),
+    ],
+)
+async def test_cached_reads_of_values_no_snapshot_carries_back_still_work(
+    stack: Any, value: Any, serde: Any
+) -> None:
+    """They are served value by value: a snapshot of them failed every read, or hung."""
+    thread_id = f"unsnapped-{uuid.uuid4().hex[:8]}"
+    config = {"configurable": {"thread_id": thread_id}}
+    async with AsyncKustoSaver.from_conn_string(
+        stack.queue_url, stack.cluster, stack.database, serde=serde
+    ) as saver:
+        checkpoint = _checkpoint({"value": value})
+        await saver.aput(
+            {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
+            checkpoint,
+            {"step": 0},
+            checkpoint["channel_versions"],
+        )
+        for _ in range(2):
+            found = await saver.aget_tuple(config)
+            assert found is not None
+            assert repr(found.checkpoint["channel_values"]["value"]) == repr(value)
 
 
 def test_with_allowlist_returns_a_working_saver(stack: Any) -> None:
