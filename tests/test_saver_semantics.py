@@ -44,6 +44,16 @@ def _put(saver: Any, thread_id: str, values: dict[str, Any], step: int = 0, ns: 
     )
 
 
+async def _aput(saver: Any, thread_id: str, values: dict[str, Any]) -> Any:
+    checkpoint = _checkpoint(values)
+    return await saver.aput(
+        {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
+        checkpoint,
+        {"source": "loop", "step": 0},
+        checkpoint["channel_versions"],
+    )
+
+
 def _drain(queue_url: str, stack: Any) -> None:
     """Run one worker until the queue is empty."""
     queue = open_queue(queue_url)
@@ -235,13 +245,7 @@ async def test_encrypted_serializer_round_trips_and_kusto_never_sees_plaintext(
     async with AsyncKustoSaver.from_conn_string(
         stack.queue_url, stack.cluster, stack.database, serde=serde
     ) as saver:
-        checkpoint = _checkpoint({"secret": secret})
-        await saver.aput(
-            {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
-            checkpoint,
-            {"step": 0},
-            checkpoint["channel_versions"],
-        )
+        await _aput(saver, thread_id, {"secret": secret})
         await saver.wait_for_ingestion(timeout=30)
         raw = await saver.queries.run(
             Query(
@@ -331,13 +335,7 @@ async def test_cached_reads_return_the_values_and_types_a_kusto_read_returns(
     async with AsyncKustoSaver.from_conn_string(
         stack.queue_url, stack.cluster, stack.database
     ) as saver:
-        checkpoint = _checkpoint(values)
-        written = await saver.aput(
-            {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
-            checkpoint,
-            {"step": 0},
-            checkpoint["channel_versions"],
-        )
+        written = await _aput(saver, thread_id, values)
         await saver.aput_writes(written, [("value", value)], "task-1")
         cached = [await saver.aget_tuple(config) for _ in range(2)]  # the snapshot's maker, a hit
         await saver.wait_for_ingestion(timeout=30)
@@ -388,13 +386,7 @@ async def test_cached_reads_of_values_no_snapshot_carries_back_still_work(
     async with AsyncKustoSaver.from_conn_string(
         stack.queue_url, stack.cluster, stack.database, serde=serde
     ) as saver:
-        checkpoint = _checkpoint({"value": value})
-        await saver.aput(
-            {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
-            checkpoint,
-            {"step": 0},
-            checkpoint["channel_versions"],
-        )
+        await _aput(saver, thread_id, {"value": value})
         for _ in range(2):
             found = await saver.aget_tuple(config)
             assert found is not None
