@@ -302,7 +302,7 @@ class AsyncKustoSaver(BaseKustoSaver):
         messages = [m for event in events for m in self._messages(event)]
         reserved = await self._make_room(len(events))
         try:
-            # A future, not a task, from the SQLite sender: a task per write cost ~60 µs.
+            # The senders hand back a future, not a task: a task per write cost ~60 µs.
             send = asyncio.ensure_future(self.outbox.send(messages))
             await asyncio.shield(send)
         except asyncio.CancelledError:
