@@ -1,8 +1,10 @@
 """The read cache: read-your-writes for ``session`` consistency, bounded in entries and bytes.
 
 It holds what this process wrote, in serialized form, so every read hands out fresh
-objects. The first read of an entry also stores a *snapshot*: the whole checkpoint tuple
-serialized as one value by the saver, so later reads are a single decode.
+objects. The second read of an entry (since it last changed) also stores a *snapshot*:
+the whole checkpoint tuple serialized as one value by the saver, so later reads are a
+single decode. Not the first: an agent reads most checkpoints once, at the start of its
+next run, and making a snapshot costs about as much as that read.
 
 Eviction is least-recently-used. Evicting an entry whose events Kusto has not
 confirmed yet would let a later read return older state than this process wrote, so the
@@ -114,6 +116,8 @@ class _Entry:
     size: int
     pending_writes: _WriteSlots = field(default_factory=dict)
     snapshot: Snapshot | None = None
+    read_once: bool = False
+    """Read once since it last changed, without a snapshot: the next read makes one."""
     used: int = 0
     """When it was last used, on the clock ``_use`` advances (entries and orphan writes
     share it, so eviction is least-recently-used across both)."""
@@ -318,7 +322,7 @@ class ReadCache:
     # -- reads --------------------------------------------------------------
 
     def get(self, key: CheckpointKey) -> Snapshot | StoredCheckpoint | None:
-        """The entry's snapshot (made on first read) or, without one, its stored form."""
+        """The entry's snapshot (made on its second read) or, without one, its stored form."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
@@ -589,7 +593,7 @@ class ReadCache:
         self._blobs[ref] = (value or held[0], held[1] + 1)
 
     def _read(self, entry: _Entry) -> Snapshot | StoredCheckpoint:
-        if entry.snapshot is None and self._snapshot is not None:
+        if entry.snapshot is None and self._snapshot is not None and entry.read_once:
             merged = self._merged(entry)
             entry.snapshot = self._snapshot(merged) or _NO_SNAPSHOT
             entry.size += len(entry.snapshot[1])
@@ -597,10 +601,13 @@ class ReadCache:
             self._evict()
             return merged if entry.snapshot is _NO_SNAPSHOT else entry.snapshot
         if entry.snapshot is None or entry.snapshot is _NO_SNAPSHOT:
+            entry.read_once = True
             return self._merged(entry)
         return entry.snapshot
 
     def _drop_snapshot(self, entry: _Entry) -> None:
+        """The entry changed: its snapshot, if any, is stale, and so is its first read."""
+        entry.read_once = False
         if entry.snapshot is not None:
             entry.size -= len(entry.snapshot[1])
             self._bytes -= len(entry.snapshot[1])
