@@ -14,7 +14,6 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlparse
 
-import msgpack
 import ormsgpack
 from azure.kusto.data.exceptions import KustoNetworkError, KustoServiceError
 from langchain_core.runnables import RunnableConfig
@@ -888,7 +887,7 @@ def _stored_empty(checkpoint: StoredCheckpoint, channel: str) -> bool:
 
 def _fresh_json(value: dict[str, Any]) -> dict[str, Any]:
     """A private copy of JSON-safe data; a msgpack round trip is ~5x faster than deepcopy."""
-    copied: dict[str, Any] = msgpack.unpackb(msgpack.packb(value), raw=False)
+    copied: dict[str, Any] = ormsgpack.unpackb(ormsgpack.packb(value))
     return copied
 
 
@@ -1030,9 +1029,41 @@ def _optional_str(value: object, name: str) -> str | None:
     raise ValueError(f"{name} must be a string, got {value!r}")
 
 
+_ONLY_JSON_TYPES = (
+    ormsgpack.OPT_PASSTHROUGH_BIG_INT
+    | ormsgpack.OPT_PASSTHROUGH_DATACLASS
+    | ormsgpack.OPT_PASSTHROUGH_DATETIME
+    | ormsgpack.OPT_PASSTHROUGH_ENUM
+    | ormsgpack.OPT_PASSTHROUGH_SUBCLASS
+    | ormsgpack.OPT_PASSTHROUGH_TUPLE
+    | ormsgpack.OPT_PASSTHROUGH_UUID
+)
+"""ormsgpack refuses what JSON has no type for (it would encode a datetime its own way)."""
+
+_MSGPACK_BIN_HEADERS = (b"\xc4", b"\xc5", b"\xc6")
+
+
 def _json_safe(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """Metadata as JSON values (what lands in Kusto's dynamic column)."""
-    return json.loads(json.dumps(metadata, default=str))
+    """A private copy of the metadata as JSON values (what lands in Kusto's dynamic
+    column): what ``json.dumps(default=str)`` makes of it.
+
+    Plain JSON metadata, LangGraph's own included, takes an ormsgpack round trip (~2 µs
+    against ~11). It encodes bytes, which JSON turns into their ``str``, natively: a bin
+    header byte in the encoding (also possible inside a number or a non-ASCII string)
+    sends the metadata the slow way too."""
+    try:
+        packed = ormsgpack.packb(metadata, option=_ONLY_JSON_TYPES)
+    except TypeError:
+        packed = None
+    if packed is not None and not any(header in packed for header in _MSGPACK_BIN_HEADERS):
+        copied: dict[str, Any] = ormsgpack.unpackb(packed)
+        return copied
+    safe: dict[str, Any] = json.loads(json.dumps(metadata, default=str))
+    try:
+        ormsgpack.packb(safe)
+    except TypeError as error:  # an integer beyond 64 bits: JSON holds it, Kusto cannot
+        raise ValueError(f"checkpoint metadata cannot be stored in Kusto: {error}") from None
+    return safe
 
 
 def _matches(

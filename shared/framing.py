@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgpack
+import ormsgpack
 
 from .errors import EnvelopeError, IncompleteEventError, UnknownEnvelopeVersionError
 
@@ -58,9 +59,9 @@ def split_frames(event_id: str, envelope: bytes, max_message_bytes: int) -> list
 
 
 def encode_frame(frame: Frame) -> bytes:
-    return msgpack.packb(
-        [FRAME_MAGIC, FRAME_VERSION, frame.event_id, frame.index, frame.count, frame.data],
-        use_bin_type=True,
+    """Like envelopes, encoded by ormsgpack (faster) and decoded by msgpack (stricter)."""
+    return ormsgpack.packb(
+        [FRAME_MAGIC, FRAME_VERSION, frame.event_id, frame.index, frame.count, frame.data]
     )
 
 

@@ -162,6 +162,20 @@ def test_put_writes_refuses_what_the_worker_would_dead_letter_as_malformed(
     assert _queued(queue_url) == 0
 
 
+def test_put_refuses_metadata_kusto_cannot_hold_before_sending(
+    saver: KustoSaver, queue_url: str
+) -> None:
+    """It raised a bare ``OverflowError: Integer value out of range`` from the encoder."""
+    with pytest.raises(ValueError, match="metadata cannot be stored in Kusto: Integer exceeds"):
+        saver.put(
+            {"configurable": {"thread_id": "t1", "checkpoint_ns": ""}},
+            empty_checkpoint(),
+            {"source": "loop", "budget": 2**70},
+            {},
+        )
+    assert _queued(queue_url) == 0
+
+
 def test_a_namespace_of_none_still_means_the_root_namespace(saver: KustoSaver) -> None:
     written = _put(saver, {"thread_id": "t1", "checkpoint_ns": None})
     assert written["configurable"]["checkpoint_ns"] == ""

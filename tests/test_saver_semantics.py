@@ -6,10 +6,15 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import functools
+import json
+import math
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from datetime import UTC, datetime
+from enum import Enum, IntEnum
 from typing import Any
 
 import pytest
@@ -17,6 +22,7 @@ from langchain_core.messages import HumanMessage
 from langgraph.checkpoint.base import empty_checkpoint
 from langgraph.checkpoint.base.id import uuid6
 from langgraph.checkpoint.kusto import AsyncKustoSaver, IngestionTimeoutError, KustoSaver
+from langgraph.checkpoint.kusto.base import _json_safe
 from langgraph.checkpoint.kusto.ingestor_worker.ingest import KustoIngestor
 from langgraph.checkpoint.kusto.ingestor_worker.worker import Worker
 from langgraph.checkpoint.kusto.outbox import open_queue
@@ -282,18 +288,21 @@ async def test_cached_reads_hand_out_fresh_objects(stack: Any, first_message: An
             checkpoint["channel_versions"],
         )
         await saver.aput_writes(written, [("messages", {"note": ["w"]})], "task-1")
-        expected = await saver.aget_tuple(config)
-        assert expected is not None
-        assert expected.checkpoint["channel_values"] == _checkpoint_values
-        assert expected.metadata["tags"] == ["a"]
-        expected = copy.deepcopy(expected)
-        # The first read makes the cache's snapshot; later reads decode it: mutate both.
-        for _ in range(3):
-            found = await saver.aget_tuple(config)
+        first = await saver.aget_tuple(config)
+        assert first is not None
+        assert first.checkpoint["channel_values"] == _checkpoint_values
+        assert first.metadata["tags"] == ["a"]
+        expected = copy.deepcopy(first)
+        # The first read decodes the stored values, the second makes the cache's snapshot,
+        # later reads decode that: mutate what each of them hands out.
+        for read in range(4):
+            found = first if read == 0 else await saver.aget_tuple(config)
             assert found == expected
             assert found.pending_writes[0] == ("task-1", "messages", {"note": ["w"]})
-            if isinstance(first := found.checkpoint["channel_values"]["messages"][0], HumanMessage):
-                first.content = "mutated"
+            if isinstance(
+                message := found.checkpoint["channel_values"]["messages"][0], HumanMessage
+            ):
+                message.content = "mutated"
             found.checkpoint["channel_values"]["messages"].append("mutated")
             found.checkpoint["channel_values"]["nested"]["k"].clear()
             found.checkpoint["channel_versions"]["messages"] = "999"
@@ -337,7 +346,8 @@ async def test_cached_reads_return_the_values_and_types_a_kusto_read_returns(
     ) as saver:
         written = await _aput(saver, thread_id, values)
         await saver.aput_writes(written, [("value", value)], "task-1")
-        cached = [await saver.aget_tuple(config) for _ in range(2)]  # the snapshot's maker, a hit
+        # A read of the stored values, the snapshot's maker, a hit
+        cached = [await saver.aget_tuple(config) for _ in range(3)]
         await saver.wait_for_ingestion(timeout=30)
     async with AsyncKustoSaver.from_conn_string(
         stack.queue_url, stack.cluster, stack.database, consistency="eventual"
@@ -348,6 +358,35 @@ async def test_cached_reads_return_the_values_and_types_a_kusto_read_returns(
     for found in cached:
         assert found is not None
         assert _typed(list(found)) == _typed(list(from_kusto))
+
+
+class Colour(Enum):
+    RED = "red"
+
+
+METADATA = {
+    "plain": {"source": "loop", "step": 3, "parents": {"": "1f0"}, "tags": ["a"], "x": 1.5},
+    "bytes": {"raw": b"\x00", "again": bytearray(b"a")},
+    "tuple, int keys": {"pair": (1, "a"), "by_id": {7: "seven", None: 0}},
+    "datetime, uuid, enum": {"at": datetime(2026, 1, 1), "id": uuid.UUID(int=7), "c": Colour.RED},
+    "subclasses": {"flag": OrderedDict(a=True), "n": IntEnum("N", "ONE").ONE},
+    "bin header bytes in text and numbers": {"name": "Łódź ąę", "n": 50_000, "f": 1e-300},
+    "nan and -0.0": {"nan": math.nan, "zero": -0.0, "inf": math.inf},
+    "deep": {"d": functools.reduce(lambda inner, _: [inner], range(200), [])},
+}
+
+
+@pytest.mark.parametrize("metadata", METADATA.values(), ids=METADATA.keys())
+def test_metadata_is_stored_as_json_makes_it_whichever_way_it_is_copied(
+    metadata: dict[str, Any],
+) -> None:
+    """Plain metadata takes a msgpack round trip, the rest JSON's: the same values either
+    way, and a copy the caller's later changes do not reach."""
+    safe = _json_safe(metadata)
+    expected = json.loads(json.dumps(metadata, default=str))
+    assert repr(_typed(safe)) == repr(_typed(expected))  # by repr: nan equals no nan
+    metadata.setdefault("plain", {})["later"] = 1
+    assert "later" not in json.dumps(safe)
 
 
 @dataclasses.dataclass
@@ -387,7 +426,7 @@ async def test_cached_reads_of_values_no_snapshot_carries_back_still_work(
         stack.queue_url, stack.cluster, stack.database, serde=serde
     ) as saver:
         await _aput(saver, thread_id, {"value": value})
-        for _ in range(2):
+        for _ in range(3):  # the second read would make the snapshot
             found = await saver.aget_tuple(config)
             assert found is not None
             assert repr(found.checkpoint["channel_values"]["value"]) == repr(value)
