@@ -400,6 +400,90 @@ def test_send_is_atomic_on_failure(queue: SqliteQueue) -> None:
     assert queue.depth() == 2
 
 
+def test_send_is_atomic_when_sqlite_fails_midway_through_a_group(db: Path) -> None:
+    """The group's messages go through one statement each: a failure in the third undoes
+    the first two, ids and session rows included. It is the connection's first send, so
+    the objects that send creates are rolled back too, and the next send makes them again."""
+    with sqlite3.connect(db) as other:
+        other.executescript(sqlite_queue.SCHEMA)
+        other.execute(
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON outbox_messages"
+            " WHEN NEW.message_id = 'boom' BEGIN SELECT RAISE(ABORT, 'no boom'); END"
+        )
+    with SqliteQueue(db) as q:
+        with pytest.raises(sqlite3.IntegrityError, match="no boom"):
+            q.send([msg("a", "s1"), msg("b", "s2"), msg("boom", "s3")])
+        assert q.depth() == 0
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT count(*) FROM outbox_dedup").fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM outbox_sessions").fetchone() == (0,)
+        q.send([msg("a", "s1"), msg("b", "s2")])  # their ids were not remembered either
+        assert [m.message_id for m in q.receive(10, 0)] == ["a", "b"]
+
+
+def test_a_group_keeps_its_order_and_adds_only_the_sessions_of_messages_it_keeps(
+    queue: SqliteQueue, db: Path
+) -> None:
+    queue.send([msg("old", "s0")])
+    queue.send(
+        [
+            msg("c", "s1"),
+            msg("old", "dropped-1"),  # accepted before
+            msg("a", "s2"),
+            msg("c", "dropped-2"),  # accepted earlier in this call
+            msg("b", "s1"),
+        ]
+    )
+    received = sorted(queue.receive(10, 0), key=lambda m: m.sequence_number)
+    assert [(m.message_id, m.session_id) for m in received] == [
+        ("old", "s0"),
+        ("c", "s1"),
+        ("a", "s2"),
+        ("b", "s1"),
+    ]
+    with sqlite3.connect(db) as conn:
+        sessions = conn.execute("SELECT session_id FROM outbox_sessions ORDER BY 1").fetchall()
+    assert sessions == [("s0",), ("s1",), ("s2",)]
+
+
+def test_a_file_written_by_an_older_version_keeps_working_and_keeps_its_schema(
+    db: Path,
+) -> None:
+    """Older versions sent with plain statements against the same tables; the send
+    statement's view and trigger are TEMP objects of the connection that sends, so the
+    file's schema stays what those versions (and other processes) know."""
+    with sqlite3.connect(db) as old:
+        old.executescript(sqlite_queue.SCHEMA)
+        old.execute(
+            "INSERT INTO outbox_messages (queue, message_id, session_id, body, properties,"
+            " enqueued_time) VALUES ('events', 'early', 's1', x'65', '{}', ?)",
+            (time.time(),),
+        )
+        old.execute("INSERT INTO outbox_sessions (queue, session_id) VALUES ('events', 's1')")
+        old.execute(
+            "INSERT INTO outbox_dedup (queue, message_id, enqueued_time)"
+            " VALUES ('events', 'early', ?)",
+            (time.time(),),
+        )
+        schema = old.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+    with SqliteQueue(db, lock_duration=0.1) as receiver, SqliteQueue(db) as sender:
+        assert receiver.receive(10, 0)[0].message_id == "early"
+        sender.send([msg("early", "s1"), msg("late", "s1")])  # "early" is a duplicate
+        assert sender.depth() == 2
+        temp_objects = "SELECT name FROM sqlite_temp_master ORDER BY name"
+        assert receiver._conn.execute(temp_objects).fetchall() == []  # only senders have them
+        assert sender._conn.execute(temp_objects).fetchall() == [
+            ("outbox_send",),
+            ("outbox_send_message",),
+        ]
+    with sqlite3.connect(db) as conn:
+        after = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+    assert after == schema
+    with SqliteQueue(db) as q:
+        time.sleep(0.15)  # the receiver's lock on "early" expires
+        assert [m.message_id for m in q.receive(10, 0)] == ["early", "late"]
+
+
 def test_send_is_atomic_for_concurrent_readers(db: Path) -> None:
     batch_size, batches = 25, 200
     seen: set[int] = set()

@@ -179,12 +179,42 @@ CREATE INDEX IF NOT EXISTS outbox_dead_letters_by_time
 
 PRUNE_DEDUP = "DELETE FROM outbox_dedup WHERE queue = :queue AND enqueued_time < :horizon"
 
-# Accepts the id (returns a row) unless it was accepted within the window.
-CLAIM_MESSAGE_ID = """
-INSERT INTO outbox_dedup (queue, message_id, enqueued_time) VALUES (:queue, :message_id, :now)
-ON CONFLICT (queue, message_id) DO UPDATE SET enqueued_time = excluded.enqueued_time
-    WHERE outbox_dedup.enqueued_time < :horizon
-RETURNING 1
+# A send is one INSERT per message into this view; its trigger does the work in SQLite,
+# and ``executemany`` runs a group's INSERTs in one call. In the benchmark's graphs that
+# took ~15% off the CPU of committing a group (two messages, mostly) next to the three
+# statements per message it replaces, each a Python call. The view and trigger are TEMP
+# objects, made by a connection on its first send and seen by it alone: the file's schema
+# stays the one every version knows, and receive-only connections (the worker's) carry
+# nothing extra.
+CREATE_SEND_VIEW = """
+CREATE TEMP VIEW IF NOT EXISTS outbox_send
+    (queue, message_id, session_id, body, properties, now, horizon)
+AS SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE 0
+"""
+
+# The first statement claims the id unless it was accepted at or after ``horizon`` (within
+# the duplicate-detection window, earlier in the same group included); a claim that changed
+# no row drops the message and adds no session row. Inside a trigger, ``changes()`` counts
+# the rows changed by the trigger's previous statement.
+CREATE_SEND_TRIGGER = """
+CREATE TEMP TRIGGER IF NOT EXISTS outbox_send_message INSTEAD OF INSERT ON outbox_send
+BEGIN
+    INSERT INTO outbox_dedup (queue, message_id, enqueued_time)
+    VALUES (NEW.queue, NEW.message_id, NEW.now)
+    ON CONFLICT (queue, message_id) DO UPDATE SET enqueued_time = excluded.enqueued_time
+        WHERE outbox_dedup.enqueued_time < NEW.horizon;
+    INSERT INTO outbox_messages (queue, message_id, session_id, body, properties, enqueued_time)
+    SELECT NEW.queue, NEW.message_id, NEW.session_id, NEW.body, NEW.properties, NEW.now
+    WHERE changes() = 1;
+    INSERT INTO outbox_sessions (queue, session_id)
+    SELECT NEW.queue, NEW.session_id WHERE changes() = 1
+    ON CONFLICT (queue, session_id) DO NOTHING;
+END
+"""
+
+SEND_MESSAGE = """
+INSERT INTO temp.outbox_send (queue, message_id, session_id, body, properties, now, horizon)
+VALUES (?, ?, ?, ?, ?, ?, ?)
 """
 
 REMEMBER_MESSAGE_ID = """
@@ -357,6 +387,7 @@ class SqliteQueue:
         self.duplicate_detection_window = duplicate_detection_window
         self.wal_autocheckpoint = wal_autocheckpoint
         self._next_dedup_prune = 0.0
+        self._send_view_created = False
         self._consumer_id = uuid.uuid4().hex
         self._lock = threading.Lock()
         self._conn = self._connect()
@@ -499,29 +530,34 @@ class SqliteQueue:
         if not messages:
             return
         with self._transaction(wait=wait) as conn:
+            if not self._send_view_created:
+                # Part of this transaction: a rollback drops them again, so the flag is
+                # set only after the commit.
+                conn.execute(CREATE_SEND_VIEW)
+                conn.execute(CREATE_SEND_TRIGGER)
             now = time.time()
             horizon = now - self.duplicate_detection_window
             if now >= self._next_dedup_prune:
-                # Expired ids are already ignored by CLAIM_MESSAGE_ID; deleting them is
+                # Expired ids are already ignored by the send trigger; deleting them is
                 # housekeeping, so once a second is enough.
                 conn.execute(PRUNE_DEDUP, self._params(horizon=horizon))
                 self._next_dedup_prune = now + DEDUP_PRUNE_INTERVAL
-            sessions: set[str] = set()
-            for message in messages:
-                params = self._params(
-                    message_id=queue_id(message.message_id),
-                    session_id=queue_id(message.session_id),
-                    now=now,
-                    horizon=horizon,
-                )
-                if conn.execute(CLAIM_MESSAGE_ID, params).fetchone() is None:
-                    continue
-                params["body"] = bytes(message.body)
-                params["properties"] = json.dumps(message.application_properties)
-                conn.execute(INSERT_MESSAGE, params)
-                if params["session_id"] not in sessions:
-                    sessions.add(str(params["session_id"]))
-                    conn.execute(ADD_SESSION, params)
+            conn.executemany(
+                SEND_MESSAGE,
+                [
+                    (
+                        self.queue,
+                        queue_id(message.message_id),
+                        queue_id(message.session_id),
+                        bytes(message.body),
+                        json.dumps(message.application_properties),
+                        now,
+                        horizon,
+                    )
+                    for message in messages
+                ],
+            )
+        self._send_view_created = True
 
     # --- OutboxReceiver -----------------------------------------------------------------
 
