@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
+from azure.kusto.data.exceptions import KustoServiceError
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
     ChannelVersions,
@@ -194,8 +195,7 @@ class KustoSaver(BaseKustoSaver):
         scope = namespace_of(config)  # the walk may reach any checkpoint of it
         cached_scope = self._cached_scope(scope)
         self._wait_ingested(self._read_wait(scope, single=True))
-        with reachability_explained():
-            rows = self.queries.run(channel_history(**scope["configurable"], channels=channels))
+        rows = self._run_read(channel_history(**scope["configurable"], channels=channels))
         return self._history(assemble_channel_history(rows), cached_scope, config, channels)
 
     # -- reads --------------------------------------------------------------
@@ -229,8 +229,18 @@ class KustoSaver(BaseKustoSaver):
     # -- I/O edges ----------------------------------------------------------
 
     def _select(self, query: Query) -> builtins.list[StoredCheckpoint]:
+        return assemble(self._run_read(query))
+
+    def _run_read(self, query: Query) -> builtins.list[dict[str, Any]]:
+        """Kusto's rows for a read. Kusto refusing it because the schema was never
+        provisioned (or is out of date) is ``SchemaError``, which says how to provision:
+        the schema is checked only then."""
         with reachability_explained():
-            return assemble(self.queries.run(query))
+            try:
+                return self.queries.run(query)
+            except KustoServiceError:
+                self.setup()
+                raise
 
     def _stored(
         self,

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
 
+from azure.kusto.data.exceptions import KustoServiceError
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
     ChannelVersions,
@@ -174,10 +175,7 @@ class AsyncKustoSaver(BaseKustoSaver):
         scope = namespace_of(config)  # the walk may reach any checkpoint of it
         cached_scope = self._cached_scope(scope)
         await self._wait_ingested(self._read_wait(scope, single=True))
-        with reachability_explained():
-            rows = await self.queries.run(
-                channel_history(**scope["configurable"], channels=channels)
-            )
+        rows = await self._run_read(channel_history(**scope["configurable"], channels=channels))
         return self._history(assemble_channel_history(rows), cached_scope, config, channels)
 
     # -- reads --------------------------------------------------------------
@@ -278,8 +276,18 @@ class AsyncKustoSaver(BaseKustoSaver):
     # -- I/O edges ----------------------------------------------------------
 
     async def _select(self, query: Query) -> builtins.list[StoredCheckpoint]:
+        return assemble(await self._run_read(query))
+
+    async def _run_read(self, query: Query) -> builtins.list[dict[str, Any]]:
+        """Kusto's rows for a read. Kusto refusing it because the schema was never
+        provisioned (or is out of date) is ``SchemaError``, which says how to provision:
+        the schema is checked only then."""
         with reachability_explained():
-            return assemble(await self.queries.run(query))
+            try:
+                return await self.queries.run(query)
+            except KustoServiceError:
+                await self.setup()
+                raise
 
     async def _stored(
         self,

@@ -524,6 +524,80 @@ async def test_setup_names_a_database_kusto_does_not_know(
             await aio.setup()
 
 
+@pytest.fixture
+def unprovisioned(tmp_path: Path) -> Iterator[LocalKustoServer]:
+    server = start_local_kusto(tmp_path / "kusto", port=0)
+    yield server
+    server.close()
+
+
+PROVISION_MESSAGE = (
+    r"table CheckpointEvents is missing or out of date .*\. Run `langgraph-kusto provision"
+)
+A_THREAD: Any = {"configurable": {"thread_id": "t1", "checkpoint_ns": ""}}
+
+
+def test_a_read_of_a_database_never_provisioned_says_to_provision(
+    unprovisioned: LocalKustoServer, queue_url: str
+) -> None:
+    """It raised Kusto's refusal of the query (locally: "schema error for 'Scope' (unknown
+    table; ...)"), which names neither the table nor the fix."""
+    with KustoSaver.from_conn_string(queue_url, unprovisioned.url) as saver:
+        with pytest.raises(SchemaError, match=PROVISION_MESSAGE):
+            saver.get_tuple(A_THREAD)
+        with pytest.raises(SchemaError, match=PROVISION_MESSAGE):
+            list(saver.list(A_THREAD))
+        with pytest.raises(SchemaError, match=PROVISION_MESSAGE):
+            saver.get_delta_channel_history(config=A_THREAD, channels=["items"])
+
+
+async def test_an_async_read_of_a_database_never_provisioned_says_to_provision(
+    unprovisioned: LocalKustoServer, queue_url: str
+) -> None:
+    async with AsyncKustoSaver.from_conn_string(queue_url, unprovisioned.url) as saver:
+        with pytest.raises(SchemaError, match=PROVISION_MESSAGE):
+            await saver.aget_tuple(A_THREAD)
+        with pytest.raises(SchemaError, match=PROVISION_MESSAGE):
+            [found async for found in saver.alist(A_THREAD)]
+        with pytest.raises(SchemaError, match=PROVISION_MESSAGE):
+            await saver.aget_delta_channel_history(config=A_THREAD, channels=["items"])
+
+
+REFUSAL = KustoServiceError("Request is invalid and cannot be executed")
+
+
+def _refuse(*args: Any, **kwargs: Any) -> Any:
+    raise REFUSAL
+
+
+async def _refuse_async(*args: Any, **kwargs: Any) -> Any:
+    raise REFUSAL
+
+
+def test_a_read_kusto_refuses_for_another_reason_keeps_kusto_s_error(
+    kusto_server: LocalKustoServer, queue_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The schema is checked only when Kusto refuses a read; a sound one does not replace
+    the refusal."""
+    monkeypatch.setattr(KustoQueries, "run", _refuse)
+    with (
+        KustoSaver.from_conn_string(queue_url, kusto_server.url) as saver,
+        pytest.raises(KustoServiceError) as raised,
+    ):
+        saver.get_tuple(A_THREAD)
+    assert raised.value is REFUSAL
+
+
+async def test_an_async_read_kusto_refuses_for_another_reason_keeps_kusto_s_error(
+    kusto_server: LocalKustoServer, queue_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(AsyncKustoQueries, "run", _refuse_async)
+    async with AsyncKustoSaver.from_conn_string(queue_url, kusto_server.url) as saver:
+        with pytest.raises(KustoServiceError) as raised:
+            await saver.aget_tuple(A_THREAD)
+    assert raised.value is REFUSAL
+
+
 async def test_setup_still_says_to_provision_when_the_table_is_missing(
     tmp_path: Path, queue_url: str
 ) -> None:
