@@ -124,7 +124,8 @@ class _Entry:
 
 
 class ReadCache:
-    """Thread-safe. Every operation is O(1) amortized or O(entries of one thread)."""
+    """Thread-safe. Every operation is O(1) amortized or O(entries of one thread), but
+    ``delete_runs`` (runs span threads) and ``of_thread(None)``."""
 
     def __init__(
         self,
@@ -138,6 +139,9 @@ class ReadCache:
         self.max_bytes = max_bytes
         self._snapshot = snapshot
         self._entries: OrderedDict[CheckpointKey, _Entry] = OrderedDict()
+        self._thread_keys: dict[str, dict[CheckpointKey, None]] = {}
+        """thread -> the keys of its entries, so that a thread's reads, deletes and prunes
+        touch its entries only: scanning 10,000 entries took ~3 ms, holding the lock."""
         self._latest: dict[tuple[str, str], str] = {}
         self._blobs: dict[_BlobRef, tuple[StoredValue, int]] = {}
         self._orphan_writes: OrderedDict[CheckpointKey, _Orphans] = OrderedDict()
@@ -214,7 +218,7 @@ class ReadCache:
             # Pending writes may arrive before their checkpoint (LangGraph saves checkpoints
             # in the background while the next step runs); they, like the writes of an
             # earlier put of the same id, belong to the entry.
-            previous = self._entries.pop(checkpoint.key, None)
+            previous = self._pop_entry(checkpoint.key) if checkpoint.key in self._entries else None
             if previous is not None:
                 self._release(previous)
             held = self._orphan_writes.pop(checkpoint.key, None)
@@ -236,8 +240,8 @@ class ReadCache:
                 + len(checkpoint.checkpoint.data)
                 + sum(len(w.value.data) for w in pending.values())
             )
-            self._entries[checkpoint.key] = _Entry(
-                checkpoint, event_ids, size, pending, used=self._use()
+            self._add_entry(
+                checkpoint.key, _Entry(checkpoint, event_ids, size, pending, used=self._use())
             )
             self._bytes += size
             if checkpoint.checkpoint_id >= self._latest.get(ns_key, ""):
@@ -276,7 +280,7 @@ class ReadCache:
 
     def delete_thread(self, thread_id: str, event_id: str, seq: int) -> None:
         with self._lock:
-            self._drop(key for key in self._entries if key[0] == thread_id)
+            self._drop(self._keys_of(thread_id))
             for key in [k for k in self._orphan_writes if k[0] == thread_id]:
                 self._bytes -= self._orphan_writes.pop(key).size
             self._awaited.pop(thread_id, None)
@@ -305,13 +309,14 @@ class ReadCache:
         with self._lock:
             self._drop(
                 key
-                for key, entry in self._entries.items()
-                if key[0] == thread_id and self._prunes(entry.checkpoint, seq, survivors)
+                for key in self._keys_of(thread_id)
+                if self._prunes(self._entries[key].checkpoint, seq, survivors)
             )
-            for key, entry in self._entries.items():  # a survivor whose parent goes: none
+            for key in self._keys_of(thread_id):  # a survivor whose parent goes: none
+                entry = self._entries[key]
                 parent = (key[1], entry.checkpoint.parent_checkpoint_id)
                 orphaned = parent[1] and parent not in survivors
-                if key[0] == thread_id and key[1:] in survivors and orphaned:
+                if key[1:] in survivors and orphaned:
                     entry.checkpoint = replace(entry.checkpoint, parent_checkpoint_id="")
                     self._drop_snapshot(entry)
             self._add_pending(event_id, seq)
@@ -343,12 +348,11 @@ class ReadCache:
             return self._read(entry)
 
     def of_thread(self, thread_id: str | None) -> list[StoredCheckpoint]:
+        """What the cache holds of ``thread_id``, or of every thread for ``None``."""
         with self._lock:
-            return [
-                self._merged(entry)
-                for key, entry in self._entries.items()
-                if thread_id is None or key[0] == thread_id
-            ]
+            if thread_id is None:
+                return [self._merged(entry) for entry in self._entries.values()]
+            return [self._merged(self._entries[key]) for key in self._keys_of(thread_id)]
 
     def orphan_writes(self, key: CheckpointKey) -> list[StoredWrite]:
         """Writes this process made for a checkpoint it did not write itself."""
@@ -521,8 +525,22 @@ class ReadCache:
                 self._await(orphan_key, self._orphan_writes[orphan_key].event_ids)
                 self._drop_orphans(orphan_key)
 
+    def _add_entry(self, key: CheckpointKey, entry: _Entry) -> None:
+        self._entries[key] = entry
+        self._thread_keys.setdefault(key[0], {})[key] = None
+
+    def _pop_entry(self, key: CheckpointKey) -> _Entry:
+        keys = self._thread_keys[key[0]]
+        del keys[key]
+        if not keys:
+            del self._thread_keys[key[0]]
+        return self._entries.pop(key)
+
+    def _keys_of(self, thread_id: str) -> list[CheckpointKey]:
+        return list(self._thread_keys.get(thread_id, ()))
+
     def _evict_entry(self, key: CheckpointKey) -> None:
-        entry = self._entries.pop(key)
+        entry = self._pop_entry(key)
         self._release(entry)
         self._await(key, entry.event_ids)
         ns_key = (key[0], key[1])
@@ -562,7 +580,7 @@ class ReadCache:
 
     def _drop(self, keys: Iterable[CheckpointKey]) -> None:
         for key in list(keys):
-            self._release(self._entries.pop(key))
+            self._release(self._pop_entry(key))
             ns_key = (key[0], key[1])
             if self._latest.get(ns_key) == key[2]:
                 del self._latest[ns_key]
