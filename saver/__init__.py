@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from azure.kusto.data.exceptions import KustoServiceError
+from azure.kusto.data.exceptions import KustoNetworkError, KustoServiceError
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
     ChannelVersions,
@@ -238,6 +238,8 @@ class KustoSaver(BaseKustoSaver):
         with reachability_explained():
             try:
                 return self.queries.run(query)
+            except KustoNetworkError:  # a KustoServiceError too, but Kusto did not answer
+                raise
             except KustoServiceError:
                 self.setup()
                 raise

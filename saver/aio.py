@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
 
-from azure.kusto.data.exceptions import KustoServiceError
+from azure.kusto.data.exceptions import KustoNetworkError, KustoServiceError
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
     ChannelVersions,
@@ -285,6 +285,8 @@ class AsyncKustoSaver(BaseKustoSaver):
         with reachability_explained():
             try:
                 return await self.queries.run(query)
+            except KustoNetworkError:  # a KustoServiceError too, but Kusto did not answer
+                raise
             except KustoServiceError:
                 await self.setup()
                 raise
