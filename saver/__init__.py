@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-from azure.kusto.data.exceptions import KustoNetworkError, KustoServiceError
+from azure.kusto.data.exceptions import KustoServiceError
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
     ChannelVersions,
@@ -45,6 +45,8 @@ from .base import (
     reachability_explained,
     refuse_event_loop_thread,
     schema_check_explained,
+    schema_may_explain,
+    schema_verdict_only,
     string_ids,
     thread_id_argument,
 )
@@ -161,7 +163,7 @@ class KustoSaver(BaseKustoSaver):
         refuse_event_loop_thread()
         if self.consistency is Consistency.STRONG:  # rows of replicas whose clocks run ahead
             checked = thread_id_argument(thread_id, "thread_id")
-            self._observe_newest(self.queries.run(newest_seq(checked)))
+            self._observe_newest(self._run_read(newest_seq(checked)))
         self._publish(self._delete_thread_event(thread_id))
 
     def delete_for_runs(self, run_ids: Sequence[str]) -> None:
@@ -231,17 +233,17 @@ class KustoSaver(BaseKustoSaver):
     def _select(self, query: Query) -> builtins.list[StoredCheckpoint]:
         return assemble(self._run_read(query))
 
-    def _run_read(self, query: Query) -> builtins.list[dict[str, Any]]:
-        """Kusto's rows for a read. Kusto refusing it because the schema was never
-        provisioned (or is out of date) is ``SchemaError``, which says how to provision:
-        the schema is checked only then."""
+    def _run_read(self, query: Query, within: float | None = None) -> builtins.list[dict[str, Any]]:
+        """Kusto's rows for a read, asked within ``within`` seconds if given. Kusto refusing
+        it because the schema was never provisioned (or is out of date) is ``SchemaError``,
+        which says how to provision: the schema is checked only then."""
         with reachability_explained():
             try:
-                return self.queries.run(query)
-            except KustoNetworkError:  # a KustoServiceError too, but Kusto did not answer
-                raise
-            except KustoServiceError:
-                self.setup()
+                return self.queries.run(query, within)
+            except KustoServiceError as refusal:
+                if schema_may_explain(refusal):
+                    with schema_verdict_only():
+                        self.setup()
                 raise
 
     def _stored(
@@ -280,7 +282,7 @@ class KustoSaver(BaseKustoSaver):
     ) -> tuple[set[str], dict[str, str]]:
         """Which of ``events`` (id -> seq) Kusto holds, and which of this saver's events
         the ingestor dead-lettered (id -> reason); asked within ``within`` seconds."""
-        return self._settle(self.queries.run(self._ingested_query(events), within))
+        return self._settle(self._run_read(self._ingested_query(events), within))
 
     def _confirm_for_room(self, within: float | None = None) -> None:
         """One confirmation round to free the cache's room, given up after ``within``

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
 
-from azure.kusto.data.exceptions import KustoNetworkError, KustoServiceError
+from azure.kusto.data.exceptions import KustoServiceError
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
     ChannelVersions,
@@ -38,6 +38,8 @@ from .base import (
     query_time_left,
     reachability_explained,
     schema_check_explained,
+    schema_may_explain,
+    schema_verdict_only,
     string_ids,
     thread_id_argument,
 )
@@ -145,7 +147,7 @@ class AsyncKustoSaver(BaseKustoSaver):
     async def adelete_thread(self, thread_id: str) -> None:
         if self.consistency is Consistency.STRONG:  # rows of replicas whose clocks run ahead
             checked = thread_id_argument(thread_id, "thread_id")
-            self._observe_newest(await self.queries.run(newest_seq(checked)))
+            self._observe_newest(await self._run_read(newest_seq(checked)))
         await self._publish(self._delete_thread_event(thread_id))
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
@@ -285,10 +287,10 @@ class AsyncKustoSaver(BaseKustoSaver):
         with reachability_explained():
             try:
                 return await self.queries.run(query)
-            except KustoNetworkError:  # a KustoServiceError too, but Kusto did not answer
-                raise
-            except KustoServiceError:
-                await self.setup()
+            except KustoServiceError as refusal:
+                if schema_may_explain(refusal):
+                    with schema_verdict_only():
+                        await self.setup()
                 raise
 
     async def _stored(
@@ -345,7 +347,7 @@ class AsyncKustoSaver(BaseKustoSaver):
     async def _confirm(self, events: Mapping[str, int]) -> tuple[set[str], dict[str, str]]:
         """Which of ``events`` (id -> seq) Kusto holds, and which of this saver's events
         the ingestor dead-lettered (id -> reason)."""
-        return self._settle(await self.queries.run(self._ingested_query(events)))
+        return self._settle(await self._run_read(self._ingested_query(events)))
 
     async def _confirm_for_room(self, within: float | None = None) -> None:
         """One confirmation round to free the cache's room, given up after ``within``

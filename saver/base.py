@@ -49,7 +49,7 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 from .cache import ReadCache, Snapshot
 from .kusto import MIN_QUERY_TIMEOUT, is_local_cluster, is_transient
 from .queries import Query, ingested_events, select_checkpoints
-from .schema import schema_error
+from .schema import SchemaError, schema_error
 from .settings import DATABASE_ENV
 
 
@@ -1152,6 +1152,28 @@ def schema_check_explained(database: str) -> Iterator[None]:
                 "not the database.",
             )
         raise
+
+
+def schema_may_explain(refusal: KustoServiceError) -> bool:
+    """Whether Kusto's refusal of a read may come from a schema never provisioned (or out
+    of date): not when Kusto did not answer or asked to be asked later."""
+    return not is_transient(refusal)
+
+
+@contextmanager
+def schema_verdict_only() -> Iterator[None]:
+    """Around the schema check after Kusto refused a read: a missing or outdated schema
+    (``SchemaError``) replaces the refusal, since provisioning fixes it; the check failing
+    for another reason says less than the refusal, which the caller raises instead."""
+    try:
+        yield
+    except SchemaError:
+        raise
+    except Exception as failure:
+        logger.debug(
+            "could not check the schema after Kusto refused a read",
+            extra={"error": type(failure).__name__},
+        )
 
 
 def _add_advice(error: KustoServiceError, advice: str) -> None:

@@ -172,8 +172,8 @@ def _query_seconds(within: float | None, query_timeout: float) -> float:
 
 
 class KustoQueries:
-    """Sync query edge: run a ``Query`` and hand back rows, each query bounded by
-    ``query_timeout`` seconds (``KustoNetworkError`` once they pass)."""
+    """Sync query edge: run a ``Query`` or a management command and hand back rows, each
+    request bounded by ``query_timeout`` seconds (``KustoNetworkError`` once they pass)."""
 
     def __init__(
         self,
@@ -197,7 +197,12 @@ class KustoQueries:
         return rows_of(response)
 
     def command(self, text: str) -> list[dict[str, Any]]:
-        return rows_of(self._client.execute_mgmt(self.database, text))
+        """Rows of the management command ``text``, bounded by ``query_timeout`` seconds."""
+        return rows_of(
+            self._client.execute_mgmt(
+                self.database, text, request_properties({}, self.query_timeout)
+            )
+        )
 
     def close(self) -> None:
         self._client.close()
@@ -228,7 +233,12 @@ class AsyncKustoQueries:
         return rows_of(response)
 
     async def command(self, text: str) -> list[dict[str, Any]]:
-        return rows_of(await self._client.execute_mgmt(self.database, text))
+        """Rows of the management command ``text``, bounded by ``query_timeout`` seconds."""
+        return rows_of(
+            await self._client.execute_mgmt(
+                self.database, text, request_properties({}, self.query_timeout)
+            )
+        )
 
     async def close(self) -> None:
         await self._client.close()

@@ -223,6 +223,25 @@ async def test_a_read_that_misses_the_cache_is_bounded_by_query_timeout(
     assert time.monotonic() - started < 1.0 + SLACK
 
 
+@pytest.mark.parametrize("saver_class", [KustoSaver, AsyncKustoSaver])
+async def test_setup_on_a_hung_kusto_is_bounded_by_query_timeout(
+    private_queue: str, hung_kusto: str, saver_class: Any
+) -> None:
+    """Management commands (the schema check, provisioning) had no bound of ours: the
+    SDK's own is an hour."""
+    started = time.monotonic()
+    with pytest.raises(KustoNetworkError):
+        if saver_class is KustoSaver:
+            with KustoSaver.from_conn_string(private_queue, hung_kusto, query_timeout=1) as sync:
+                await asyncio.to_thread(sync.setup)
+        else:
+            async with AsyncKustoSaver.from_conn_string(
+                private_queue, hung_kusto, query_timeout=1
+            ) as saver:
+                await saver.setup()
+    assert time.monotonic() - started < 1.0 + SLACK
+
+
 @pytest.mark.parametrize("query_timeout", [0, 0.5, -1, float("nan"), 7200, "60", True])
 def test_query_timeout_is_checked(private_queue: str, query_timeout: Any) -> None:
     with (

@@ -598,6 +598,94 @@ async def test_an_async_read_kusto_refuses_for_another_reason_keeps_kusto_s_erro
     assert raised.value is REFUSAL
 
 
+class _Answer:
+    """What the sync SDK keeps of Kusto's HTTP answer (``status_code``)."""
+
+    def __init__(self, status_code: int) -> None:
+        self.status_code = status_code
+
+
+def _check_fails_too(*args: Any, **kwargs: Any) -> Any:
+    raise KustoServiceError("Request was throttled")
+
+
+async def _check_fails_too_async(*args: Any, **kwargs: Any) -> Any:
+    raise KustoServiceError("Request was throttled")
+
+
+def test_a_read_kusto_refuses_keeps_kusto_s_error_when_the_schema_check_fails_too(
+    kusto_server: LocalKustoServer, queue_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The schema check's own failure (throttled, a 5xx) replaced the read's refusal."""
+    monkeypatch.setattr(KustoQueries, "run", _refuse)
+    monkeypatch.setattr(KustoQueries, "command", _check_fails_too)
+    with (
+        KustoSaver.from_conn_string(queue_url, kusto_server.url) as saver,
+        pytest.raises(KustoServiceError) as raised,
+    ):
+        saver.get_tuple(A_THREAD)
+    assert raised.value is REFUSAL
+
+
+async def test_an_async_read_kusto_refuses_keeps_kusto_s_error_when_the_schema_check_fails_too(
+    kusto_server: LocalKustoServer, queue_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(AsyncKustoQueries, "run", _refuse_async)
+    monkeypatch.setattr(AsyncKustoQueries, "command", _check_fails_too_async)
+    async with AsyncKustoSaver.from_conn_string(queue_url, kusto_server.url) as saver:
+        with pytest.raises(KustoServiceError) as raised:
+            await saver.aget_tuple(A_THREAD)
+    assert raised.value is REFUSAL
+
+
+def test_a_read_kusto_asks_to_retry_does_not_check_the_schema(
+    kusto_server: LocalKustoServer, queue_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kusto answering 503 is not a schema question: asking it for the schema as well only
+    adds load to a cluster that is already struggling."""
+    busy = KustoServiceError("Service unavailable", http_response=_Answer(503))  # type: ignore[arg-type]
+    checks: list[str] = []
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise busy
+
+    monkeypatch.setattr(KustoQueries, "run", unavailable)
+    monkeypatch.setattr(KustoQueries, "command", lambda self, text: checks.append(text))
+    with (
+        KustoSaver.from_conn_string(queue_url, kusto_server.url) as saver,
+        pytest.raises(KustoServiceError) as raised,
+    ):
+        saver.get_tuple(A_THREAD)
+    assert raised.value is busy
+    assert checks == []
+
+
+def test_a_strong_delete_or_put_on_a_database_never_provisioned_says_to_provision(
+    unprovisioned: LocalKustoServer, queue_url: str
+) -> None:
+    """Their reads of Kusto (the newest sequence before a delete, the wait for ingestion
+    after a put) raised Kusto's refusal of the query."""
+    with KustoSaver.from_conn_string(
+        queue_url, unprovisioned.url, consistency="strong", strong_timeout=5
+    ) as saver:
+        with pytest.raises(SchemaError, match=PROVISION_MESSAGE):
+            saver.delete_thread("t1")
+        with pytest.raises(SchemaError, match=PROVISION_MESSAGE):
+            saver.put(A_THREAD, empty_checkpoint(), {}, {})
+
+
+async def test_an_async_strong_delete_or_put_on_a_database_never_provisioned_says_to_provision(
+    unprovisioned: LocalKustoServer, queue_url: str
+) -> None:
+    async with AsyncKustoSaver.from_conn_string(
+        queue_url, unprovisioned.url, consistency="strong", strong_timeout=5
+    ) as saver:
+        with pytest.raises(SchemaError, match=PROVISION_MESSAGE):
+            await saver.adelete_thread("t1")
+        with pytest.raises(SchemaError, match=PROVISION_MESSAGE):
+            await saver.aput(A_THREAD, empty_checkpoint(), {}, {})
+
+
 async def test_setup_still_says_to_provision_when_the_table_is_missing(
     tmp_path: Path, queue_url: str
 ) -> None:

@@ -510,10 +510,10 @@ def test_list_keeps_own_writes_evicted_while_kusto_is_asked(stack: Any, private_
         _put(saver, thread_id, {"v": "mine"})
         ask_kusto = saver.queries.run
 
-        def another_thread_writes_meanwhile(query: Query) -> Any:
+        def another_thread_writes_meanwhile(query: Query, within: float | None = None) -> Any:
             saver.queries.run = ask_kusto
             _put(saver, f"other-{thread_id}", {"x": 0})  # evicts the entry, unconfirmed
-            return ask_kusto(query)
+            return ask_kusto(query, within)
 
         saver.queries.run = another_thread_writes_meanwhile
         assert [t.checkpoint["channel_values"] for t in saver.list(config)] == [{"v": "mine"}]
