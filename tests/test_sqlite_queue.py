@@ -754,6 +754,38 @@ def test_a_send_waits_for_another_connections_lock_then_lands(queue: SqliteQueue
     holder.close()
 
 
+def _delete_queue_file(db: Path) -> None:
+    for path in db.parent.glob(db.name + "*"):  # with its -wal and -shm files
+        path.unlink()
+
+
+def test_a_send_after_the_queue_file_was_deleted_or_replaced_fails(db: Path) -> None:
+    """SQLite commits into a deleted file it has open: sends "succeeded" and were lost."""
+    with SqliteQueue(db) as queue:
+        queue.send([msg("before")])
+        _delete_queue_file(db)
+        with pytest.raises(OutboxError, match=r"was deleted or replaced .* reopen the saver"):
+            queue.send([msg("deleted")])
+        with SqliteQueue(db) as replacement:
+            with pytest.raises(OutboxError, match="was deleted or replaced"):
+                queue.send([msg("replaced")])
+            assert replacement.receive(10, 0) == []
+    with SqliteQueue(db) as reopened:
+        reopened.send([msg("reopened")])
+        assert [m.message_id for m in reopened.receive(10, 0)] == ["reopened"]
+
+
+async def test_an_async_send_after_the_queue_file_was_deleted_fails(db: Path) -> None:
+    sender = AsyncSqliteSender(SqliteQueue(db))
+    await sender.send([msg("before")])
+    _delete_queue_file(db)
+    results = await asyncio.gather(
+        sender.send([msg("a")]), sender.send([msg("b")]), return_exceptions=True
+    )
+    assert [type(result) for result in results] == [OutboxError, OutboxError]
+    await sender.close()
+
+
 async def test_async_sends_of_one_loop_iteration_share_a_transaction(db: Path) -> None:
     sender = AsyncSqliteSender(SqliteQueue(db))
     await asyncio.gather(

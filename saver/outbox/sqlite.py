@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -381,6 +382,7 @@ class SqliteQueue:
                 f"duplicate_detection_window must not be negative, got {duplicate_detection_window}"
             )
         self.path = Path(path)
+        self._absolute_path = self.path.absolute()  # the same file after a chdir
         self.queue = queue
         self.lock_duration = lock_duration
         self.max_delivery_count = max_delivery_count
@@ -391,6 +393,7 @@ class SqliteQueue:
         self._consumer_id = uuid.uuid4().hex
         self._lock = threading.Lock()
         self._conn = self._connect()
+        self._file = self._file_now()
 
     @classmethod
     def from_url(
@@ -427,6 +430,27 @@ class SqliteQueue:
             # SQLite says only "unable to open database file" for a directory.
             cause = "it is a directory" if self.path.is_dir() else str(error)
             raise OutboxError(f"cannot open the queue file {self.path}: {cause}") from error
+
+    def _file_now(self) -> tuple[int, int] | None:
+        """(device, inode) of the file ``path`` names now, ``None`` if none (or in memory)."""
+        try:
+            found = os.stat(self._absolute_path)
+        except FileNotFoundError:
+            return None
+        return found.st_dev, found.st_ino
+
+    def _check_file_kept(self) -> None:
+        """``OutboxError`` if the queue file was deleted or replaced after it was opened.
+
+        SQLite keeps writing to a deleted file it has open, and commits succeed, but no
+        worker started since can read them: without this check, sends were lost silently.
+        """
+        if self._file_now() != self._file:
+            raise OutboxError(
+                f"the queue file {self.path} was deleted or replaced while this process had "
+                "it open: what it sends there now reaches no worker. Close and reopen the "
+                "saver (or restart this process) to send to the file at that path again."
+            )
 
     def _open_connection(self) -> sqlite3.Connection:
         if str(self.path) != ":memory:":
@@ -558,6 +582,7 @@ class SqliteQueue:
                 ],
             )
         self._send_view_created = True
+        self._check_file_kept()
 
     # --- OutboxReceiver -----------------------------------------------------------------
 
