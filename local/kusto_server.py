@@ -2137,8 +2137,15 @@ def _open_database(data_dir: Path | None, database: str) -> tuple[Any, str]:
         con.execute("DETACH memory")
         return con, ":memory:"
     directory = Path(data_dir)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{database}.duckdb"
+    if "?" in str(path):
+        # DuckDB cuts a path at '?' to name the database's WAL file, which then cannot be
+        # written: the first commit fails, after the directory was made.
+        raise RuntimeError(
+            f"cannot keep a DuckDB database in {directory}: DuckDB does not allow '?' in "
+            "its file paths; choose another --data directory"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
     try:
         return connect(str(path)), str(path)
     except duckdb.Error as exc:

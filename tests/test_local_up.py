@@ -307,6 +307,19 @@ def test_an_unusable_duckdb_file_is_a_one_line_error_that_leaves_it_alone(tmp_pa
     assert err.startswith(f"langgraph-kusto: cannot open {database} as a DuckDB database (")
 
 
+def test_a_data_directory_duckdb_cannot_use_is_a_one_line_error(tmp_path: Path) -> None:
+    """DuckDB cuts a path at '?' to name its WAL file: `local up` made the directory, then
+    ended in a traceback ("Cannot open file .../a.wal?b/langgraph.duckdb")."""
+    data = tmp_path / "a?b"
+
+    assert _local_up_error(tmp_path, "--data", str(data)) == (
+        2,
+        f"langgraph-kusto: cannot keep a DuckDB database in {data}: DuckDB does not allow "
+        "'?' in its file paths; choose another --data directory\n",
+    )
+    assert not data.exists()
+
+
 def test_a_cluster_url_with_an_unusable_port_is_refused_by_local_up_and_the_saver(
     tmp_path: Path,
 ) -> None:
