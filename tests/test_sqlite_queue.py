@@ -775,6 +775,17 @@ def test_a_send_after_the_queue_file_was_deleted_or_replaced_fails(db: Path) -> 
         assert [m.message_id for m in reopened.receive(10, 0)] == ["reopened"]
 
 
+def test_a_receive_after_the_queue_file_was_replaced_fails(db: Path) -> None:
+    """A worker kept polling the deleted file and never saw what savers sent to the new one."""
+    with SqliteQueue(db) as worker:
+        assert worker.receive(10, 0) == []
+        _delete_queue_file(db)
+        with SqliteQueue(db) as saver:
+            saver.send([msg("new")])
+            with pytest.raises(OutboxError, match=r"receives nothing sent to the file now"):
+                worker.receive(10, 0)
+
+
 async def test_an_async_send_after_the_queue_file_was_deleted_fails(db: Path) -> None:
     sender = AsyncSqliteSender(SqliteQueue(db))
     await sender.send([msg("before")])

@@ -439,17 +439,16 @@ class SqliteQueue:
             return None
         return found.st_dev, found.st_ino
 
-    def _check_file_kept(self) -> None:
+    def _check_file_kept(self, consequence: str) -> None:
         """``OutboxError`` if the queue file was deleted or replaced after it was opened.
 
-        SQLite keeps writing to a deleted file it has open, and commits succeed, but no
-        worker started since can read them: without this check, sends were lost silently.
+        SQLite keeps using a deleted file it has open, and commits succeed: without this
+        check, sends were lost silently, and a worker never saw the file at the path again.
         """
         if self._file_now() != self._file:
             raise OutboxError(
                 f"the queue file {self.path} was deleted or replaced while this process had "
-                "it open: what it sends there now reaches no worker. Close and reopen the "
-                "saver (or restart this process) to send to the file at that path again."
+                f"it open: {consequence}"
             )
 
     def _open_connection(self) -> sqlite3.Connection:
@@ -582,7 +581,10 @@ class SqliteQueue:
                 ],
             )
         self._send_view_created = True
-        self._check_file_kept()
+        self._check_file_kept(
+            "what it sends there now reaches no worker. Close and reopen the saver (or "
+            "restart this process) to send to the file at that path again."
+        )
 
     # --- OutboxReceiver -----------------------------------------------------------------
 
@@ -596,6 +598,9 @@ class SqliteQueue:
             raise ValueError(f"max_messages must be at least 1, got {max_messages}")
         if max_wait < 0:
             raise ValueError(f"max_wait must not be negative, got {max_wait}")
+        self._check_file_kept(
+            "this process receives nothing sent to the file now at that path. Restart it."
+        )
         deadline = time.monotonic() + max_wait
         delay = POLL_FIRST_DELAY
         while True:
