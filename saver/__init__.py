@@ -7,6 +7,7 @@ reads come from the read cache first, then from one KQL query.
 from __future__ import annotations
 
 import builtins
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -91,6 +92,9 @@ class KustoSaver(BaseKustoSaver):
         super().__init__(consistency=consistency, serde=serde, **options)
         self.outbox = outbox
         self.queries = queries
+        self._confirming: threading.Thread | None = None
+        self._confirming_lock = threading.Lock()
+        self._closing = False
 
     @classmethod
     @contextmanager
@@ -122,7 +126,13 @@ class KustoSaver(BaseKustoSaver):
             opened.callback(queries.close)
             outbox = open_sender(settings.queue)
             opened.callback(outbox.close)
-            yield cls(outbox, queries, consistency=consistency, serde=serde, **options)
+            saver = cls(outbox, queries, consistency=consistency, serde=serde, **options)
+            try:
+                yield saver
+            finally:
+                # A confirmation round still running only freed room: it ends on its own
+                # (within query_timeout), without a warning about the closed connection.
+                saver._closing = True
 
     def setup(self, *, provision: bool = False) -> None:
         """Check the schema; with ``provision=True`` apply provision.kql first."""
@@ -275,7 +285,19 @@ class KustoSaver(BaseKustoSaver):
         for event in events:
             self._remember(event)
         if self._confirmation_due():
-            self._confirm_for_room()
+            self._confirm_in_background()
+
+    def _confirm_in_background(self) -> None:
+        """A confirmation round on a thread of its own, unless one is still running: it
+        only frees the cache's room, and a write never waits on Kusto (unless ``strong``).
+        Inline, every write waited ``query_timeout`` while Kusto hung."""
+        with self._confirming_lock:
+            if self._confirming is not None and self._confirming.is_alive():
+                return
+            self._confirming = threading.Thread(
+                target=self._confirm_for_room, name="langgraph-kusto-confirm", daemon=True
+            )
+            self._confirming.start()
 
     def _confirm(
         self, events: Mapping[str, int], within: float | None = None
@@ -292,7 +314,8 @@ class KustoSaver(BaseKustoSaver):
             try:
                 self._confirm(pending, within)
             except Exception as error:
-                self._confirmation_failed(error)
+                if not self._closing:
+                    self._confirmation_failed(error)
 
     def _make_room(self, events: int) -> int:
         """Reserve the cache's room for remembering ``events`` until Kusto confirms them.

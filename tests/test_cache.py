@@ -299,6 +299,8 @@ def test_sync_writes_succeed_while_kusto_is_unreachable(
         for thread, checkpoint_id in written.items():
             found = saver.get_tuple({"configurable": {"thread_id": thread}})
             assert found is not None and found.checkpoint["id"] == checkpoint_id
+        assert saver._confirming is not None  # a round ran, on a thread of its own
+        saver._confirming.join(timeout=30)
     assert "could not ask Kusto which events it has ingested" in caplog.text
     queue = open_queue(queue_url)
     try:

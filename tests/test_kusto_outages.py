@@ -223,6 +223,25 @@ async def test_a_read_that_misses_the_cache_is_bounded_by_query_timeout(
     assert time.monotonic() - started < 1.0 + SLACK
 
 
+def test_sync_writes_do_not_wait_for_a_hung_kusto_to_confirm_them(
+    private_queue: str, hung_kusto: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Asking Kusto which events it holds only frees the cache's room, so it runs on a
+    thread of its own, as AsyncKustoSaver runs it in the background. It ran inline: once
+    a round was due, every write waited ``query_timeout`` for a hung Kusto, one after
+    another (6 writes: 4.6 s with query_timeout=1)."""
+    monkeypatch.setattr("langgraph.checkpoint.kusto.base.PENDING_LIMIT", 2)
+    monkeypatch.setattr("langgraph.checkpoint.kusto.base.CONFIRM_INTERVAL", 0.0)
+    with KustoSaver.from_conn_string(private_queue, hung_kusto, query_timeout=1) as saver:
+        started = time.monotonic()
+        written = {f"hung-{i}": _put(saver, f"hung-{i}") for i in range(6)}
+        assert time.monotonic() - started < 1.0  # not even one round's query_timeout
+        for thread, checkpoint_id in written.items():
+            found = saver.get_tuple({"configurable": {"thread_id": thread}})
+            assert found is not None and found.checkpoint["id"] == checkpoint_id
+    assert _queue_depth(private_queue) == 6
+
+
 @pytest.mark.parametrize("saver_class", [KustoSaver, AsyncKustoSaver])
 async def test_setup_on_a_hung_kusto_is_bounded_by_query_timeout(
     private_queue: str, hung_kusto: str, saver_class: Any
