@@ -136,6 +136,7 @@ class KustoSaver(BaseKustoSaver):
 
     def setup(self, *, provision: bool = False) -> None:
         """Check the schema; with ``provision=True`` apply provision.kql first."""
+        refuse_event_loop_thread()
         with reachability_explained():
             if provision:
                 apply_provision(self.queries)
@@ -192,7 +193,7 @@ class KustoSaver(BaseKustoSaver):
         refuse_event_loop_thread()
         for thread_id in prune_targets(thread_ids, strategy):
             if strategy == "delete":
-                self._publish(self._delete_thread_event(thread_id))
+                self.delete_thread(thread_id)
                 continue
             checkpoints = self._stored({"configurable": {"thread_id": thread_id}})
             if checkpoints:

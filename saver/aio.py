@@ -163,7 +163,7 @@ class AsyncKustoSaver(BaseKustoSaver):
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         for thread_id in prune_targets(thread_ids, strategy):
             if strategy == "delete":
-                await self._publish(self._delete_thread_event(thread_id))
+                await self.adelete_thread(thread_id)
                 continue
             checkpoints = await self._stored({"configurable": {"thread_id": thread_id}})
             if checkpoints:

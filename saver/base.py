@@ -43,7 +43,13 @@ from langgraph.checkpoint.kusto.shared.framing import (
     split_frames,
 )
 from langgraph.checkpoint.kusto.shared.ids import EventIds, SequenceClock
-from langgraph.checkpoint.kusto.shared.rows import TABLE, StoredValue, metadata_pairs
+from langgraph.checkpoint.kusto.shared.rows import (
+    MAX_DYNAMIC_BYTES,
+    TABLE,
+    StoredValue,
+    dynamic_bytes,
+    metadata_pairs,
+)
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from .cache import ReadCache, Snapshot
@@ -283,6 +289,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         new_versions: ChannelVersions,
     ) -> tuple[Event, RunnableConfig]:
         thread_id, checkpoint_ns, parent_checkpoint_id = checkpoint_address(config)
+        checkpoint_id = _require_str(checkpoint.get("id"), "checkpoint['id']")
         values = checkpoint.get("channel_values", {})
         stripped = {k: v for k, v in checkpoint.items() if k != "channel_values"}
         checkpoint_type, checkpoint_data = self.serde.dumps_typed(stripped)
@@ -295,7 +302,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             EventKind.PUT,
             thread_id=thread_id,
             checkpoint_ns=checkpoint_ns,
-            checkpoint_id=checkpoint["id"],
+            checkpoint_id=checkpoint_id,
             parent_checkpoint_id=parent_checkpoint_id or "",
             checkpoint_type=checkpoint_type,
             checkpoint_data=checkpoint_data,
@@ -307,7 +314,7 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
             "configurable": {
                 "thread_id": thread_id,
                 "checkpoint_ns": checkpoint_ns,
-                "checkpoint_id": checkpoint["id"],
+                "checkpoint_id": checkpoint_id,
             }
         }
         return event, next_config
@@ -826,19 +833,19 @@ def prune_targets(thread_ids: Iterable[str], strategy: str) -> list[str]:
     """The thread ids of a ``prune`` call, after checking its arguments."""
     if strategy not in PRUNE_STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(PRUNE_STRATEGIES)}, got {strategy!r}")
-    ids = string_ids(thread_ids, "thread_ids")
-    if "" in ids:
-        raise ValueError("thread_ids must not contain an empty string")
-    return ids
+    return string_ids(thread_ids, "thread_ids")
 
 
 def string_ids(values: Iterable[str], name: str) -> list[str]:
-    """``values`` as a list (an iterator is read once), checked to be strings."""
+    """``values`` as a list (an iterator is read once), checked to be non-empty strings:
+    an empty run id would match every checkpoint without a run (Kusto's ``RunId`` "")."""
     if isinstance(values, str):
         raise TypeError(f"{name} must be a sequence of strings, not a single string")
     ids = list(values)
     if not all(isinstance(value, str) for value in ids):
         raise TypeError(f"{name} must be a sequence of strings")
+    if "" in ids:
+        raise ValueError(f"{name} must not contain an empty string")
     return ids
 
 
@@ -1056,14 +1063,31 @@ def _json_safe(metadata: Mapping[str, Any]) -> dict[str, Any]:
     except TypeError:
         packed = None
     if packed is not None and not any(header in packed for header in _MSGPACK_BIN_HEADERS):
-        copied: dict[str, Any] = ormsgpack.unpackb(packed)
-        return copied
-    safe: dict[str, Any] = json.loads(json.dumps(metadata, default=str))
-    try:
-        ormsgpack.packb(safe)
-    except TypeError as error:  # an integer beyond 64 bits: JSON holds it, Kusto cannot
-        raise ValueError(f"checkpoint metadata cannot be stored in Kusto: {error}") from None
+        safe: dict[str, Any] = ormsgpack.unpackb(packed)
+    else:
+        safe = json.loads(json.dumps(metadata, default=str))
+        try:
+            packed = ormsgpack.packb(safe)
+        except TypeError as error:  # an integer beyond 64 bits: JSON holds it, Kusto cannot
+            raise ValueError(f"checkpoint metadata cannot be stored in Kusto: {error}") from None
+    _check_metadata_size(safe, len(packed))
     return safe
+
+
+def _check_metadata_size(metadata: dict[str, Any], packed_bytes: int) -> None:
+    """``ValueError`` if Kusto would ingest the metadata's dynamic columns as null, which
+    would lose it (``step`` and ``source`` too) for every other process. Their JSON is at
+    most ~8 times the msgpack encoding (escapes, ``MetadataPairs``' quoting), so metadata
+    well under the limit is not measured."""
+    if packed_bytes * 8 + 16 * len(metadata) <= MAX_DYNAMIC_BYTES:
+        return
+    size = max(dynamic_bytes(metadata), dynamic_bytes(metadata_pairs(metadata)))
+    if size > MAX_DYNAMIC_BYTES:
+        raise ValueError(
+            f"checkpoint metadata cannot be stored in Kusto: its JSON is {size:,} bytes, over "
+            f"the {MAX_DYNAMIC_BYTES:,} Kusto keeps of a dynamic value; keep large values in "
+            "the graph's state, not in metadata"
+        )
 
 
 def _matches(

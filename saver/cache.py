@@ -31,7 +31,7 @@ from langgraph.checkpoint.kusto.shared.assembly import (
     StoredWrite,
     add_writes,
 )
-from langgraph.checkpoint.kusto.shared.rows import StoredValue
+from langgraph.checkpoint.kusto.shared.rows import StoredValue, run_id_of
 
 DEFAULT_MAX_ENTRIES = 10_000
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -294,7 +294,7 @@ class ReadCache:
             self._drop(
                 key
                 for key, entry in self._entries.items()
-                if entry.checkpoint.metadata.get("run_id") in runs
+                if run_id_of(entry.checkpoint.metadata) in runs
             )
             self._add_pending(event_id, seq)
             self._hide_until_confirmed(event_id, None, len(runs))
@@ -484,8 +484,8 @@ class ReadCache:
         seq = checkpoint.checkpoint.seq
         if seq < (self._deleted.get(checkpoint.thread_id) or 0):
             return True
-        run_id = checkpoint.metadata.get("run_id")
-        if run_id is not None and seq < (self._deleted_runs.get(str(run_id)) or 0):
+        run_id = run_id_of(checkpoint.metadata)
+        if run_id and seq < (self._deleted_runs.get(run_id) or 0):
             return True
         pruned = self._pruned.get(checkpoint.thread_id)
         return pruned is not None and self._prunes(checkpoint, pruned[0], pruned[1])

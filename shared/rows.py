@@ -52,6 +52,9 @@ ROW_CHUNK_BYTES = 512 * 1024
 
 KEY_SEPARATOR = "\x1f"
 
+MAX_DYNAMIC_BYTES = 1024 * 1024
+"""Kusto ingests a dynamic value whose JSON is longer than this as null."""
+
 
 class RowKind:
     CHECKPOINT = "checkpoint"
@@ -62,6 +65,16 @@ class RowKind:
     PRUNE = "prune"
     DEAD_LETTER = "dead_letter"
     """Not part of any event: the ingestor's note that it dead-lettered one."""
+
+
+def run_id_of(metadata: Mapping[str, Any]) -> str:
+    """The ``RunId`` column of a checkpoint with this metadata: ``""`` without a run."""
+    return str(metadata.get("run_id") or "")
+
+
+def dynamic_bytes(value: Any) -> int:
+    """The length of ``value``'s JSON, as Kusto measures a dynamic value."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
 
 
 def blob_key(channel: str, version: str) -> str:
@@ -113,7 +126,7 @@ def event_rows(event: Event) -> list[dict[str, Any]]:
             "Metadata": event.metadata,
             "MetadataPairs": metadata_pairs(event.metadata),
             "BlobKeys": [blob_key(c, v) for c, v in sorted(event.channel_versions.items())],
-            "RunId": str(event.metadata.get("run_id") or ""),
+            "RunId": run_id_of(event.metadata),
         }
         rows.extend(_chunked(checkpoint, event.checkpoint_data))
         for blob in event.blobs:

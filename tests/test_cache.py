@@ -519,6 +519,24 @@ def test_a_put_older_than_a_confirmed_delete_stays_hidden() -> None:
     assert cache.size_bytes == PENDING_EVENT_BYTES  # the put's event, until Kusto confirms it
 
 
+@pytest.mark.parametrize(("run_id", "deleted"), [(5, "5"), ("r1", "r1"), (0, None), ("", None)])
+def test_a_run_delete_drops_and_hides_what_kusto_s_run_id_column_matches(
+    run_id: object, deleted: str | None
+) -> None:
+    """Kusto matches ``str(run_id or "")``; the cache compared the raw value, so a
+    checkpoint with ``run_id`` 5 stayed readable here after ``delete_for_runs(["5"])``."""
+    cache = ReadCache()
+    cached = _stored("t", "c1")
+    cached.metadata = {"run_id": run_id}
+    cache.put(cached, "put", 1)
+    cache.delete_runs(["5", "r1"], "delete", 10)
+    assert (cache.get(("t", "", "c1")) is None) == (deleted is not None)
+    late = _stored("t2", "c2")
+    late.metadata = {"run_id": run_id}
+    late.checkpoint = StoredValue("late", 5, "bytes", b"c")
+    assert cache.put(late, "late", 5) == (deleted is None)  # sent before the delete
+
+
 def test_reads_stop_waiting_for_a_run_delete_after_the_given_time() -> None:
     cache = ReadCache()
     cache.delete_runs(["run"], "delete", 10)

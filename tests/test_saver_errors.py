@@ -176,6 +176,50 @@ def test_put_refuses_metadata_kusto_cannot_hold_before_sending(
     assert _queued(queue_url) == 0
 
 
+def test_put_refuses_metadata_over_kusto_s_dynamic_limit_before_sending(
+    saver: KustoSaver, queue_url: str
+) -> None:
+    """Kusto ingests a dynamic value over 1 MB as null: the put was accepted and served
+    whole from the cache, while other processes read the checkpoint with no metadata."""
+    with pytest.raises(ValueError, match=r"its JSON is 1,048,5\d\d bytes, over the 1,048,576"):
+        saver.put(
+            {"configurable": {"thread_id": "t1", "checkpoint_ns": ""}},
+            empty_checkpoint(),
+            {"source": "loop", "note": "x" * (1024 * 1024 - 40)},
+            {},
+        )
+    assert _queued(queue_url) == 0
+    escaped = "\x01" * (1024 * 1024 // 7)  # 150 KB in msgpack; 7 bytes each in MetadataPairs
+    with pytest.raises(ValueError, match="over the 1,048,576 Kusto keeps of a dynamic value"):
+        saver.put(
+            {"configurable": {"thread_id": "t1", "checkpoint_ns": ""}},
+            empty_checkpoint(),
+            {"note": escaped},
+            {},
+        )
+    saver.put(  # just under: kept
+        {"configurable": {"thread_id": "t1", "checkpoint_ns": ""}},
+        empty_checkpoint(),
+        {"note": "x" * (1024 * 1024 - 100)},
+        {},
+    )
+    found = saver.get_tuple({"configurable": {"thread_id": "t1"}})
+    assert found is not None and len(found.metadata["note"]) == 1024 * 1024 - 100
+
+
+@pytest.mark.parametrize("checkpoint_id", [123, None, ""])
+def test_put_refuses_a_checkpoint_id_that_is_not_a_non_empty_string(
+    saver: KustoSaver, queue_url: str, checkpoint_id: object
+) -> None:
+    """An int was sent (the worker dead-letters it as a malformed envelope, which no replay
+    fixes), then the cache raised a bare TypeError comparing it with a string id."""
+    checkpoint: Any = empty_checkpoint()
+    checkpoint["id"] = checkpoint_id
+    with pytest.raises(ValueError, match=r"checkpoint\['id'\] must be a non-empty string"):
+        saver.put({"configurable": {"thread_id": "t1"}}, checkpoint, {}, {})
+    assert _queued(queue_url) == 0
+
+
 def test_a_namespace_of_none_still_means_the_root_namespace(saver: KustoSaver) -> None:
     written = _put(saver, {"thread_id": "t1", "checkpoint_ns": None})
     assert written["configurable"]["checkpoint_ns"] == ""
@@ -213,6 +257,12 @@ def test_a_namespace_of_none_still_means_the_root_namespace(saver: KustoSaver) -
         (lambda s: s.copy_thread(5, "t9"), TypeError, "source_thread_id must be a string"),
         (lambda s: s.copy_thread("t1", 5), TypeError, "target_thread_id must be a string"),
         (lambda s: s.copy_thread("t1", ""), ValueError, "target_thread_id must be a non-empty"),
+        (
+            # Kusto's RunId is "" for every checkpoint without a run: it deleted them all.
+            lambda s: s.delete_for_runs(["r1", ""]),
+            ValueError,
+            "run_ids must not contain an empty string",
+        ),
     ],
     ids=[
         "delete_thread empty",
@@ -223,6 +273,7 @@ def test_a_namespace_of_none_still_means_the_root_namespace(saver: KustoSaver) -
         "copy int source",
         "copy int target",
         "copy empty target",
+        "delete_for_runs empty run id",
     ],
 )
 def test_method_arguments_are_named_when_wrong(
@@ -243,6 +294,12 @@ async def test_async_method_arguments_are_named_when_wrong(queue_url: str) -> No
             await saver.acopy_thread(5, "t9")  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="filter must be a dict"):
             [t async for t in saver.alist(None, filter="x")]  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="run_ids must not contain an empty string"):
+            await saver.adelete_for_runs([""])
+        with pytest.raises(ValueError, match=r"checkpoint\['id'\] must be a non-empty string"):
+            await saver.aput(
+                {"configurable": {"thread_id": "t1"}}, {**empty_checkpoint(), "id": 5}, {}, {}
+            )  # type: ignore[typeddict-item]
     assert _queued(queue_url) == 0
 
 
@@ -517,7 +574,7 @@ async def test_setup_names_a_database_kusto_does_not_know(
     message = r"Check the database name 'nosuch' \(database= or LANGGRAPH_KUSTO_DATABASE\)"
     with KustoSaver.from_conn_string(queue_url, kusto_server.url, "nosuch") as saver:
         with pytest.raises(KustoServiceError, match=message) as raised:
-            saver.setup()
+            await asyncio.to_thread(saver.setup)
         assert not isinstance(raised.value, SchemaError)
     async with AsyncKustoSaver.from_conn_string(queue_url, kusto_server.url, "nosuch") as aio:
         with pytest.raises(KustoServiceError, match=message):
@@ -696,7 +753,7 @@ async def test_setup_still_says_to_provision_when_the_table_is_missing(
             KustoSaver.from_conn_string(queue_url, server.url) as saver,
             pytest.raises(SchemaError, match=message),
         ):
-            saver.setup()
+            await asyncio.to_thread(saver.setup)
         async with AsyncKustoSaver.from_conn_string(queue_url, server.url) as aio:
             with pytest.raises(SchemaError, match=message):
                 await aio.setup()

@@ -224,6 +224,15 @@ async def test_sync_calls_on_the_event_loop_thread_raise_instead_of_deadlocking(
             call(async_saver)
 
 
+async def test_sync_setup_on_the_event_loop_thread_raises_too(stack: Any) -> None:
+    """It ran, blocking the loop for its Kusto round trips (up to ``query_timeout`` each)."""
+    with (
+        KustoSaver.from_conn_string(stack.queue_url, stack.cluster, stack.database) as saver,
+        pytest.raises(RuntimeError, match="a\\* methods"),
+    ):
+        saver.setup()
+
+
 async def test_async_saver_sync_api_works_from_another_thread(stack: Any) -> None:
     thread_id = f"bridge-{uuid.uuid4().hex[:8]}"
     async with AsyncKustoSaver.from_conn_string(
@@ -605,12 +614,14 @@ class _ClockBehind(SequenceClock):
             return self._last
 
 
+@pytest.mark.parametrize("delete", ["delete_thread", "prune"])
 def test_a_strong_delete_from_a_replica_whose_clock_runs_behind_still_deletes(
-    stack: Any, private_queue: str, start_worker: Any
+    stack: Any, private_queue: str, start_worker: Any, delete: str
 ) -> None:
     """A delete hides rows with a smaller sequence. Stamped by a clock 200 ms behind, a
     strong delete made right after another replica's write hid nothing: both replicas read
-    the deleted state back. A strong delete is now stamped above the thread's newest row."""
+    the deleted state back. A strong delete is now stamped above the thread's newest row
+    (``prune(strategy="delete")`` was not, until it became ``delete_thread`` per thread)."""
     start_worker(private_queue)
     thread_id = f"skew-{uuid.uuid4().hex[:8]}"
     config = {"configurable": {"thread_id": thread_id}}
@@ -621,7 +632,10 @@ def test_a_strong_delete_from_a_replica_whose_clock_runs_behind_still_deletes(
     ):
         deleter._clock = _ClockBehind()
         _put(writer, thread_id, {"secret": "pii"})
-        deleter.delete_thread(thread_id)
+        if delete == "prune":
+            deleter.prune([thread_id], strategy="delete")
+        else:
+            deleter.delete_thread(thread_id)
         assert deleter.get_tuple(config) is None
         assert writer.get_tuple(config) is None
 
@@ -649,8 +663,9 @@ def test_a_delete_after_reading_a_thread_sorts_after_what_was_read(
             assert reader.get_tuple(config) is None
 
 
+@pytest.mark.parametrize("delete", ["adelete_thread", "aprune"])
 async def test_an_async_strong_delete_from_a_replica_whose_clock_runs_behind_still_deletes(
-    stack: Any, private_queue: str, start_worker: Any
+    stack: Any, private_queue: str, start_worker: Any, delete: str
 ) -> None:
     start_worker(private_queue)
     thread_id = f"skew-async-{uuid.uuid4().hex[:8]}"
@@ -663,6 +678,9 @@ async def test_an_async_strong_delete_from_a_replica_whose_clock_runs_behind_sti
         deleter._clock = _ClockBehind()
         checkpoint = _checkpoint({"secret": "pii"})
         await writer.aput(config, checkpoint, {"step": 0}, checkpoint["channel_versions"])
-        await deleter.adelete_thread(thread_id)
+        if delete == "aprune":
+            await deleter.aprune([thread_id], strategy="delete")
+        else:
+            await deleter.adelete_thread(thread_id)
         assert await deleter.aget_tuple(config) is None
         assert await writer.aget_tuple(config) is None
