@@ -748,6 +748,8 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         configurable = config["configurable"]
         checkpoint_ns = configurable.get("checkpoint_ns") or ""
         if self.cache is not None:
+            if deleted := self.cache.deleted_seq(configurable["thread_id"]):
+                history.drop_before(deleted)  # what the delete hides, Kusto may still hold
             for stored in cached_scope:
                 if stored.checkpoint_ns == checkpoint_ns and self._visible(stored):
                     history.add_checkpoint(stored, channels)
@@ -1096,7 +1098,8 @@ def _matches(
     filter: dict[str, Any] | None,
     before_id: str | None,
 ) -> bool:
-    if "checkpoint_ns" in configurable and stored.checkpoint_ns != configurable["checkpoint_ns"]:
+    checkpoint_ns = configurable.get("checkpoint_ns")
+    if checkpoint_ns is not None and stored.checkpoint_ns != checkpoint_ns:  # None: every one
         return False
     if configurable.get("checkpoint_id") and stored.checkpoint_id != configurable["checkpoint_id"]:
         return False

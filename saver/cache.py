@@ -148,6 +148,11 @@ class ReadCache:
         self._dropped_orphans: OrderedDict[CheckpointKey, None] = OrderedDict()
         """Keys whose orphan writes were let go (Kusto holds them, or the bound evicted
         them): a later put of such a checkpoint is not served whole from the cache."""
+        self._forgotten_orphans_up_to = ""
+        """The newest checkpoint id of the keys ``_dropped_orphans`` no longer holds (it
+        keeps ``max_entries``): a later put of a checkpoint no newer is not served whole
+        either, as it may be one of them (ids are time-ordered, so puts of new checkpoints
+        are served)."""
         self._pending: dict[str, int] = {}
         """Events published but not yet confirmed in Kusto: event id -> sequence."""
         self._awaited: dict[str, dict[tuple[str, str], set[str]]] = {}
@@ -163,9 +168,13 @@ class ReadCache:
         self._hiding: dict[str, tuple[str | None, float, int]] = {}
         """Unconfirmed run deletes (scope None: any thread) and prunes (scope: their
         thread), with when they were made and the bytes charged for their records beyond
-        ``PENDING_EVENT_BYTES``. Unlike a thread delete, they hide rows *between* visible
-        ones, so Kusto's ``top`` must apply them: reads of their scope wait until Kusto
-        holds them."""
+        ``PENDING_EVENT_BYTES``. Unlike a thread delete within its thread, they hide rows
+        *between* visible ones, so Kusto's ``top`` must apply them: reads of their scope
+        wait until Kusto holds them."""
+        self._deleting: dict[str, float] = {}
+        """Unconfirmed thread deletes, with when they were made. Within their thread they
+        hide every older row, so the cache's own filter serves its reads; but they hide
+        rows between other threads' rows too, so reads of all threads wait for them."""
         self._record_bytes = 0
         """The bytes charged in ``_hiding``: like pending events, they cannot be evicted."""
         self._dead_lettered: dict[str, str] = {}
@@ -210,6 +219,8 @@ class ReadCache:
             if checkpoint.key in self._dropped_orphans:
                 del self._dropped_orphans[checkpoint.key]
                 complete = False  # some of its writes are only in Kusto now
+            elif checkpoint.checkpoint_id <= self._forgotten_orphans_up_to:
+                complete = False  # some of its writes may be only in Kusto
             if complete:
                 # Hold the new references before releasing an earlier put's, which may be
                 # the only holder of a blob this checkpoint inherits.
@@ -286,6 +297,7 @@ class ReadCache:
             self._awaited.pop(thread_id, None)
             self._add_pending(event_id, seq)
             self._deleted.add(thread_id, seq, event_id)
+            self._deleting[event_id] = time.monotonic()
             self._evict()
 
     def delete_runs(self, run_ids: Iterable[str], event_id: str, seq: int) -> None:
@@ -368,6 +380,12 @@ class ReadCache:
         with self._lock:
             return self._hides(checkpoint)
 
+    def deleted_seq(self, thread_id: str) -> int:
+        """The sequence number of this process's latest delete of the thread (0: none): what
+        it hides is every row of the thread numbered below it."""
+        with self._lock:
+            return self._deleted.get(thread_id) or 0
+
     def awaited(
         self,
         thread_id: str | None,
@@ -400,6 +418,12 @@ class ReadCache:
                 if made >= hides_since
                 and (scope is None or thread_id is None or scope == thread_id)
             )
+            if thread_id is None:
+                found.update(
+                    (event_id, self._pending[event_id])
+                    for event_id, made in self._deleting.items()
+                    if made >= hides_since
+                )
             return found
 
     # -- confirmation from Kusto ----------------------------------------------
@@ -424,6 +448,7 @@ class ReadCache:
                 if hidden is not None:
                     self._record_bytes -= hidden[2]
                     self._bytes -= hidden[2]
+                self._deleting.pop(event_id, None)
                 self._deleted.confirm(event_id)
                 self._deleted_runs.confirm(event_id)
                 self._pruned.confirm(event_id)
@@ -567,7 +592,8 @@ class ReadCache:
         self._bytes -= self._orphan_writes.pop(key).size
         self._dropped_orphans[key] = None
         while len(self._dropped_orphans) > self.max_entries:
-            self._dropped_orphans.popitem(last=False)
+            forgotten, _ = self._dropped_orphans.popitem(last=False)
+            self._forgotten_orphans_up_to = max(self._forgotten_orphans_up_to, forgotten[2])
 
     def _await(self, key: CheckpointKey, event_ids: set[str]) -> None:
         unconfirmed = event_ids & self._pending.keys()

@@ -165,15 +165,30 @@ class ChannelHistory:
     """(channel, version) -> stored value."""
     writes: dict[str, list[StoredWrite]] = field(default_factory=dict)
     """checkpoint id -> its pending writes to the channels asked for."""
+    seqs: dict[str, int] = field(default_factory=dict)
+    """checkpoint id -> the sequence number of the event that wrote it."""
 
     def add_checkpoint(self, checkpoint: StoredCheckpoint, channels: Iterable[str]) -> None:
         wanted = set(channels)
+        self.seqs[checkpoint.checkpoint_id] = checkpoint.checkpoint.seq
         self.parents[checkpoint.checkpoint_id] = checkpoint.parent_checkpoint_id
         self.versions[checkpoint.checkpoint_id] = checkpoint.channel_versions
         for channel, value in checkpoint.blobs.items():
             if channel in wanted:
                 self.blobs[(channel, checkpoint.channel_versions[channel])] = value
         self.add_writes(checkpoint.checkpoint_id, checkpoint.writes, wanted)
+
+    def drop_before(self, seq: int) -> None:
+        """Forget what events numbered below ``seq`` wrote (a delete of the thread hides it)."""
+        for checkpoint_id in [c for c, written in self.seqs.items() if written < seq]:
+            del self.seqs[checkpoint_id], self.parents[checkpoint_id]
+            self.versions.pop(checkpoint_id, None)
+        self.blobs = {key: value for key, value in self.blobs.items() if value.seq >= seq}
+        self.writes = {
+            checkpoint_id: kept
+            for checkpoint_id, writes in self.writes.items()
+            if (kept := [w for w in writes if w.value.seq >= seq])
+        }
 
     def add_writes(
         self, checkpoint_id: str, writes: Iterable[StoredWrite], channels: Iterable[str]
@@ -198,6 +213,7 @@ def channel_history(rows: Iterable[Mapping[str, Any]]) -> ChannelHistory:
         kind = row["RowKind"]
         if kind == RowKind.CHECKPOINT:
             checkpoint_id = str(row["CheckpointId"])
+            history.seqs[checkpoint_id] = int(row["EventSeq"])
             history.parents[checkpoint_id] = str(row.get("ParentCheckpointId") or "")
             history.versions[checkpoint_id] = _versions(row.get("BlobKeys"))
         elif kind == RowKind.BLOB:

@@ -512,6 +512,124 @@ def test_reads_after_a_run_delete_or_prune_kusto_lacks_still_fill_their_page(
         assert child["configurable"]["checkpoint_id"] in _ids(saver.list(config, limit=2))
 
 
+def test_a_list_of_all_threads_after_a_thread_delete_kusto_lacks_still_fills_its_page(
+    stack: Any, private_queue: str
+) -> None:
+    """A thread delete hides rows between other threads' rows too: Kusto's top 1 was the
+    deleted thread's checkpoint, dropped by the cache afterwards, so the page came back
+    empty. Reads of all threads now wait for it, as they wait for run deletes."""
+    tag = uuid.uuid4().hex
+    with _eventual(stack, private_queue) as other_process:
+        first = _checkpoint({"v": 1}, 0)
+        kept = other_process.put(
+            {"configurable": {"thread_id": f"kept-{tag[:8]}", "checkpoint_ns": ""}},
+            first,
+            {"tag": tag},
+            first["channel_versions"],
+        )
+    with _session(stack, private_queue) as saver:
+        newer = _checkpoint({"v": 2}, 1)
+        deleted_thread = f"deleted-{tag[:8]}"
+        saver.put(
+            {"configurable": {"thread_id": deleted_thread, "checkpoint_ns": ""}},
+            newer,
+            {"tag": tag},
+            newer["channel_versions"],
+        )
+        _drain(private_queue, stack)
+        saver.wait_for_ingestion(timeout=10)
+        saver.delete_thread(deleted_thread)
+        threading.Timer(0.2, _drain, args=(private_queue, stack)).start()
+        found = _ids(saver.list(None, filter={"tag": tag}, limit=1))
+        assert found == [kept["configurable"]["checkpoint_id"]]
+
+
+def test_a_list_with_a_namespace_of_none_includes_own_writes_of_every_namespace(
+    stack: Any, private_queue: str
+) -> None:
+    """``checkpoint_ns: None`` means every namespace, to Kusto's query and to
+    InMemorySaver; the cache compared each entry's namespace with None and dropped it."""
+    thread_id = f"ns-none-{uuid.uuid4().hex[:8]}"
+    with _session(stack, private_queue) as saver:
+        root = _put(saver, thread_id, {"v": 1})
+        child = _put(saver, thread_id, {"v": 2}, step=1, ns="child:1")
+        config = {"configurable": {"thread_id": thread_id, "checkpoint_ns": None}}
+        assert sorted(_ids(saver.list(config))) == sorted(
+            written["configurable"]["checkpoint_id"] for written in (root, child)
+        )
+
+
+def test_delta_channel_history_after_a_thread_delete_kusto_lacks_reads_nothing_deleted(
+    stack: Any, private_queue: str
+) -> None:
+    """get_tuple answered None after the delete, but the history walked Kusto's rows of
+    the deleted thread: its seed and writes came back."""
+    thread_id = f"history-deleted-{uuid.uuid4().hex[:8]}"
+    with _session(stack, private_queue) as saver:
+        parent = _put(saver, thread_id, {"v": "secret"}, step=0)
+        saver.put_writes(parent, [("v", "secret write")], "task")
+        child = saver.put(parent, _checkpoint({}, 1), {"step": 1}, {})
+        _drain(private_queue, stack)
+        saver.wait_for_ingestion(timeout=10)
+        saver.delete_thread(thread_id)  # on the queue, not in Kusto yet
+        assert saver.get_tuple({"configurable": {"thread_id": thread_id}}) is None
+        for config in (child, {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}):
+            assert saver.get_delta_channel_history(config=config, channels=["v"]) == {
+                "v": {"writes": []}
+            }
+        after = _put(saver, thread_id, {"v": "new"}, step=2)  # what follows the delete counts
+        saver.put_writes(after, [("v", "new write")], "task")
+        latest = saver.put(after, _checkpoint({}, 3), {"step": 3}, {})
+        assert saver.get_delta_channel_history(config=latest, channels=["v"]) == {
+            "v": {"writes": [("task", "v", "new write")], "seed": "new"}
+        }
+
+
+def test_writes_saved_before_their_checkpoint_are_read_once_the_cache_forgot_them(
+    stack: Any, private_queue: str
+) -> None:
+    """LangGraph may save a step's writes before their checkpoint. Once Kusto holds them
+    the cache lets them go and remembers the key (up to ``max_entries`` keys), so the put
+    is not served whole from the cache; past that many, the put was served without them."""
+    thread_id = f"early-writes-{uuid.uuid4().hex[:8]}"
+    checkpoint = _checkpoint({"v": 1})
+    config = {
+        "configurable": {
+            "thread_id": thread_id,
+            "checkpoint_ns": "",
+            "checkpoint_id": checkpoint["id"],
+        }
+    }
+    with _session(stack, private_queue, cache_max_entries=1) as saver:
+        saver.put_writes(config, [("v", "written first")], "task")
+        _drain(private_queue, stack)
+        saver.wait_for_ingestion(timeout=10)  # Kusto holds them: the cache lets them go
+        newer = _checkpoint({"v": 0}, 1)["id"]
+        saver.put_writes(
+            {
+                "configurable": {
+                    "thread_id": f"other-{thread_id}",
+                    "checkpoint_ns": "",
+                    "checkpoint_id": newer,
+                }
+            },
+            [("v", "other")],
+            "task",
+        )
+        _drain(private_queue, stack)
+        saver.wait_for_ingestion(timeout=10)  # one more key let go: the first is forgotten
+        saver.put(
+            {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
+            checkpoint,
+            {"step": 0},
+            checkpoint["channel_versions"],
+        )
+        threading.Timer(0.2, _drain, args=(private_queue, stack)).start()
+        found = saver.get_tuple(config)
+        assert found is not None
+        assert found.pending_writes == [("task", "v", "written first")]
+
+
 def test_list_keeps_own_writes_evicted_while_kusto_is_asked(stack: Any, private_queue: str) -> None:
     thread_id = f"evicted-meanwhile-{uuid.uuid4().hex[:8]}"
     config = {"configurable": {"thread_id": thread_id}}
