@@ -631,30 +631,6 @@ async def _refuse_async(*args: Any, **kwargs: Any) -> Any:
     raise REFUSAL
 
 
-def test_a_read_kusto_refuses_for_another_reason_keeps_kusto_s_error(
-    kusto_server: LocalKustoServer, queue_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The schema is checked only when Kusto refuses a read; a sound one does not replace
-    the refusal."""
-    monkeypatch.setattr(KustoQueries, "run", _refuse)
-    with (
-        KustoSaver.from_conn_string(queue_url, kusto_server.url) as saver,
-        pytest.raises(KustoServiceError) as raised,
-    ):
-        saver.get_tuple(A_THREAD)
-    assert raised.value is REFUSAL
-
-
-async def test_an_async_read_kusto_refuses_for_another_reason_keeps_kusto_s_error(
-    kusto_server: LocalKustoServer, queue_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(AsyncKustoQueries, "run", _refuse_async)
-    async with AsyncKustoSaver.from_conn_string(queue_url, kusto_server.url) as saver:
-        with pytest.raises(KustoServiceError) as raised:
-            await saver.aget_tuple(A_THREAD)
-    assert raised.value is REFUSAL
-
-
 class _Answer:
     """What the sync SDK keeps of Kusto's HTTP answer (``status_code``)."""
 
@@ -670,12 +646,18 @@ async def _check_fails_too_async(*args: Any, **kwargs: Any) -> Any:
     raise KustoServiceError("Request was throttled")
 
 
-def test_a_read_kusto_refuses_keeps_kusto_s_error_when_the_schema_check_fails_too(
-    kusto_server: LocalKustoServer, queue_url: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("check_fails_too", [False, True])
+def test_a_read_kusto_refuses_for_another_reason_keeps_kusto_s_error(
+    kusto_server: LocalKustoServer,
+    queue_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    check_fails_too: bool,
 ) -> None:
-    """The schema check's own failure (throttled, a 5xx) replaced the read's refusal."""
+    """The schema is checked only when Kusto refuses a read; a sound one does not replace
+    the refusal, nor does the check's own failure (it did: throttled, a 5xx)."""
     monkeypatch.setattr(KustoQueries, "run", _refuse)
-    monkeypatch.setattr(KustoQueries, "command", _check_fails_too)
+    if check_fails_too:
+        monkeypatch.setattr(KustoQueries, "command", _check_fails_too)
     with (
         KustoSaver.from_conn_string(queue_url, kusto_server.url) as saver,
         pytest.raises(KustoServiceError) as raised,
@@ -684,11 +666,16 @@ def test_a_read_kusto_refuses_keeps_kusto_s_error_when_the_schema_check_fails_to
     assert raised.value is REFUSAL
 
 
-async def test_an_async_read_kusto_refuses_keeps_kusto_s_error_when_the_schema_check_fails_too(
-    kusto_server: LocalKustoServer, queue_url: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("check_fails_too", [False, True])
+async def test_an_async_read_kusto_refuses_for_another_reason_keeps_kusto_s_error(
+    kusto_server: LocalKustoServer,
+    queue_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    check_fails_too: bool,
 ) -> None:
     monkeypatch.setattr(AsyncKustoQueries, "run", _refuse_async)
-    monkeypatch.setattr(AsyncKustoQueries, "command", _check_fails_too_async)
+    if check_fails_too:
+        monkeypatch.setattr(AsyncKustoQueries, "command", _check_fails_too_async)
     async with AsyncKustoSaver.from_conn_string(queue_url, kusto_server.url) as saver:
         with pytest.raises(KustoServiceError) as raised:
             await saver.aget_tuple(A_THREAD)
