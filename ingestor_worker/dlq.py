@@ -66,7 +66,13 @@ _MAX_SEQUENCE_NUMBER = 2**63 - 1
 """Both backends number messages with signed 64-bit integers (SQLite's INTEGER, Service
 Bus's long): a larger number names no dead letter, and SQLite cannot even be asked."""
 
-_QUEUE_TABLES = ("outbox_messages", "outbox_sessions", "outbox_dedup", "outbox_dead_letters")
+_QUEUE_TABLES = (
+    "outbox_messages",
+    "outbox_sessions",
+    "outbox_dedup",
+    "outbox_dead_letters",
+    "outbox_spool",
+)
 """The tables of a SQLite queue file (``SCHEMA`` in ``outbox/sqlite.py``), each keyed by
 ``queue``. ``SqliteQueue`` creates them all in one transaction, so a file without them has
 never been opened as a queue."""

@@ -90,9 +90,7 @@ out at once (``strong`` writes wait on them); under steady load the batch fills 
 COLLECT_PAUSE = 0.01
 """Once a receive has drained the queue, the next waits this long (part of the idle gap)
 so that it takes what arrived meanwhile in one call: receiving each message as it
-arrives made a queue transaction per 1-2 messages, and on the SQLite queue those took
-the write lock from the saver's sends (in the benchmark's graph 20-26% of sends found it
-held; 5-13% with the pause)."""
+arrives made a queue transaction (or a Service Bus round trip) per 1-2 messages."""
 
 QUEUE_ERROR_PAUSE = 1.0
 MIN_RENEW_INTERVAL = 0.05

@@ -241,7 +241,7 @@ def test_demo_data_with_url_characters_in_its_path_keeps_everything_there(tmp_pa
 
     assert result.returncode == 0, result.stderr
     assert list(tmp_path.iterdir()) == [data]
-    assert sorted(p.name for p in data.iterdir()) == ["kusto", "outbox.db"]
+    assert sorted(p.name for p in data.iterdir()) == ["kusto", "outbox.db", "outbox.db-spool"]
     assert f"no dead letters in sqlite:///{quote(str(data.resolve()))}/outbox.db" in result.stdout
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import shutil
 import sqlite3
 import threading
 import time
@@ -321,8 +322,10 @@ def test_expired_duplicate_detection_ids_are_deleted(
     monkeypatch.setattr(sqlite_queue, "DEDUP_PRUNE_INTERVAL", 0.2)
     with SqliteQueue(db, duplicate_detection_window=0.1) as q:
         q.send([msg(f"m{i}") for i in range(50)])
+        assert q.depth() == 50  # imported: their ids are remembered
         time.sleep(0.25)
         q.send([msg("late")])
+        assert q.depth() == 51  # the import after the interval deleted the expired ids
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT message_id FROM outbox_dedup").fetchall() == [("late",)]
 
@@ -400,10 +403,12 @@ def test_send_is_atomic_on_failure(queue: SqliteQueue) -> None:
     assert queue.depth() == 2
 
 
-def test_send_is_atomic_when_sqlite_fails_midway_through_a_group(db: Path) -> None:
-    """The group's messages go through one statement each: a failure in the third undoes
-    the first two, ids and session rows included. It is the connection's first send, so
-    the objects that send creates are rolled back too, and the next send makes them again."""
+def test_an_import_failing_midway_through_a_send_imports_none_of_it_then_all_of_it_once(
+    db: Path,
+) -> None:
+    """A send's messages are imported one statement each: a failure in the third undoes
+    the first two, ids, session rows and the spool's progress included, so the next
+    import, once the cause is gone, takes the whole send exactly once."""
     with sqlite3.connect(db) as other:
         other.executescript(sqlite_queue.SCHEMA)
         other.execute(
@@ -411,14 +416,16 @@ def test_send_is_atomic_when_sqlite_fails_midway_through_a_group(db: Path) -> No
             " WHEN NEW.message_id = 'boom' BEGIN SELECT RAISE(ABORT, 'no boom'); END"
         )
     with SqliteQueue(db) as q:
+        q.send([msg("a", "s1"), msg("b", "s2"), msg("boom", "s3")])  # spooled
         with pytest.raises(sqlite3.IntegrityError, match="no boom"):
-            q.send([msg("a", "s1"), msg("b", "s2"), msg("boom", "s3")])
-        assert q.depth() == 0
+            q.receive(10, 0)
         with sqlite3.connect(db) as conn:
-            assert conn.execute("SELECT count(*) FROM outbox_dedup").fetchone() == (0,)
-            assert conn.execute("SELECT count(*) FROM outbox_sessions").fetchone() == (0,)
-        q.send([msg("a", "s1"), msg("b", "s2")])  # their ids were not remembered either
-        assert [m.message_id for m in q.receive(10, 0)] == ["a", "b"]
+            for table in ("outbox_messages", "outbox_dedup", "outbox_sessions"):
+                assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
+            assert conn.execute("SELECT imported FROM outbox_spool").fetchall() == [(0,)]
+            conn.execute("DROP TRIGGER refuse_boom")
+        assert [m.message_id for m in q.receive(10, 0)] == ["a", "b", "boom"]
+        assert q.depth() == 3
 
 
 def test_a_group_keeps_its_order_and_adds_only_the_sessions_of_messages_it_keeps(
@@ -449,9 +456,9 @@ def test_a_group_keeps_its_order_and_adds_only_the_sessions_of_messages_it_keeps
 def test_a_file_written_by_an_older_version_keeps_working_and_keeps_its_schema(
     db: Path,
 ) -> None:
-    """Older versions sent with plain statements against the same tables; the send
-    statement's view and trigger are TEMP objects of the connection that sends, so the
-    file's schema stays what those versions (and other processes) know."""
+    """Older versions sent with plain statements against the same tables; the import
+    statement's view and trigger are TEMP objects of each connection, so the file's
+    schema stays what those versions (and other processes) know."""
     with sqlite3.connect(db) as old:
         old.executescript(sqlite_queue.SCHEMA)
         old.execute(
@@ -471,11 +478,11 @@ def test_a_file_written_by_an_older_version_keeps_working_and_keeps_its_schema(
         sender.send([msg("early", "s1"), msg("late", "s1")])  # "early" is a duplicate
         assert sender.depth() == 2
         temp_objects = "SELECT name FROM sqlite_temp_master ORDER BY name"
-        assert receiver._conn.execute(temp_objects).fetchall() == []  # only senders have them
-        assert sender._conn.execute(temp_objects).fetchall() == [
-            ("outbox_send",),
-            ("outbox_send_message",),
-        ]
+        for connection in (receiver._conn, sender._conn):
+            assert connection.execute(temp_objects).fetchall() == [
+                ("outbox_send",),
+                ("outbox_send_message",),
+            ]
     with sqlite3.connect(db) as conn:
         after = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
     assert after == schema
@@ -501,6 +508,7 @@ def test_send_is_atomic_for_concurrent_readers(db: Path) -> None:
         ready.wait()
         for b in range(batches):
             writer.send([msg(f"{b}-{i}", f"s{i}") for i in range(batch_size)])
+            time.sleep(0.001)  # an append takes microseconds: let the reader look meanwhile
         done.set()
         watcher.join()
         assert writer.depth() == batch_size * batches
@@ -730,37 +738,34 @@ def _hold_write_lock(db: Path) -> sqlite3.Connection:
     return holder
 
 
-def test_try_send_refuses_at_once_while_another_connection_holds_the_lock(
+def test_a_send_does_not_wait_for_another_connections_write_lock(
     queue: SqliteQueue, db: Path
 ) -> None:
+    """A send appends to the sender's spool file; only consumers take SQLite's lock (and
+    a sender's first send, which registers its file)."""
+    queue.send([msg("first")])
+    assert queue.depth() == 1
     holder = _hold_write_lock(db)
-    assert queue.try_send([msg("a")]) is False
-    holder.execute("ROLLBACK")
-    assert queue.depth() == 0
-    assert queue.try_send([msg("a")]) is True
-    assert [m.message_id for m in queue.receive(10, 0)] == ["a"]
-    holder.close()
-
-
-def test_a_send_waits_for_another_connections_lock_then_lands(queue: SqliteQueue, db: Path) -> None:
-    holder = _hold_write_lock(db)
-    sender = threading.Thread(target=queue.send, args=([msg("a")],))
+    sender = threading.Thread(target=queue.send, args=([msg("a"), msg("b")],))
     sender.start()
-    sender.join(timeout=0.2)
-    assert sender.is_alive()  # still waiting for the lock, not failed
-    holder.execute("COMMIT")
     sender.join(timeout=10)
-    assert [m.message_id for m in queue.receive(10, 0)] == ["a"]
+    assert not sender.is_alive()  # done while the lock is held (a wait lasts 30 s)
+    holder.execute("ROLLBACK")
+    assert [m.message_id for m in queue.receive(10, 0)] == ["first", "a", "b"]
     holder.close()
 
 
 def _delete_queue_file(db: Path) -> None:
-    for path in db.parent.glob(db.name + "*"):  # with its -wal and -shm files
-        path.unlink()
+    for path in db.parent.glob(db.name + "*"):  # with its -wal, -shm and -spool files
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def test_a_send_after_the_queue_file_was_deleted_or_replaced_fails(db: Path) -> None:
-    """SQLite commits into a deleted file it has open: sends "succeeded" and were lost."""
+    """SQLite commits into a deleted file it has open (and appends go to a deleted spool
+    file): sends "succeeded" and were lost."""
     with SqliteQueue(db) as queue:
         queue.send([msg("before")])
         _delete_queue_file(db)
@@ -773,6 +778,16 @@ def test_a_send_after_the_queue_file_was_deleted_or_replaced_fails(db: Path) -> 
     with SqliteQueue(db) as reopened:
         reopened.send([msg("reopened")])
         assert [m.message_id for m in reopened.receive(10, 0)] == ["reopened"]
+
+
+def test_a_send_after_its_spool_file_alone_was_deleted_fails(db: Path) -> None:
+    with SqliteQueue(db) as queue, SqliteQueue(db) as worker:
+        queue.send([msg("before")])
+        for spool_file in db.parent.glob(f"{db.name}-spool/*/*.log"):
+            spool_file.unlink()
+        with pytest.raises(OutboxError, match=r"spool file .* was deleted or replaced"):
+            queue.send([msg("deleted")])
+        assert worker.receive(10, 0) == []
 
 
 def test_a_receive_after_the_queue_file_was_replaced_fails(db: Path) -> None:
@@ -805,146 +820,61 @@ async def test_async_sends_of_one_loop_iteration_share_a_transaction(db: Path) -
     await sender.send([msg("d", "s3")])
     received = sender.queue.receive(10, 0)
     times = {m.message_id: m.enqueued_time for m in received}
-    assert times["a"] == times["b"] == times["c"] != times["d"]  # one commit, then another
+    assert times["a"] == times["b"] == times["c"] != times["d"]  # one append, then another
     await sender.close()
 
 
-async def test_async_sends_wait_for_another_process_on_the_loop_without_blocking_it(
+async def test_async_sends_do_not_wait_for_another_process_and_stay_on_the_loop(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Not in a worker thread: there each statement waits for the GIL while the loop is
-    busy (6-8 ms a send in the benchmark's graph). Sends made while the lock is held join
-    the waiting group, so the queue keeps the order they were made in."""
+    """Not in a worker thread: there each send would wait for the GIL while the loop is
+    busy (6-8 ms a send in the benchmark's graph)."""
 
     async def no_thread(*_: Any) -> None:
         raise AssertionError("a send went to a worker thread")
 
     monkeypatch.setattr(asyncio, "to_thread", no_thread)
     sender = AsyncSqliteSender(SqliteQueue(db))
+    await sender.send([msg("first", "s")])  # registers the sender's spool file
     holder = _hold_write_lock(db)
-    first = asyncio.gather(*(sender.send([msg(f"m{i}", "s")]) for i in range(3)))
-    ticks = 0
-    while ticks < 50:  # the loop keeps running while the group waits for the lock
-        await asyncio.sleep(0.001)
-        ticks += 1
-    later = asyncio.ensure_future(sender.send([msg("m3", "s")]))
-    await asyncio.sleep(0.01)
-    assert not first.done() and not later.done()
+    await asyncio.wait_for(
+        asyncio.gather(*(sender.send([msg(f"m{i}", "s")]) for i in range(3))), 10
+    )
+    await asyncio.wait_for(sender.send([msg("m3", "s")]), 10)
     holder.execute("COMMIT")
-    await asyncio.wait_for(asyncio.gather(first, later), 10)
     received = sender.queue.receive(10, 0)
-    assert [m.message_id for m in received] == ["m0", "m1", "m2", "m3"]
-    assert len({m.enqueued_time for m in received}) == 1  # one commit once the lock was free
+    assert [m.message_id for m in received] == ["first", "m0", "m1", "m2", "m3"]
     holder.close()
     await sender.close()
 
 
-async def test_async_sends_fail_once_another_process_holds_the_lock_too_long(
-    db: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sqlite_queue, "BUSY_TIMEOUT_SECONDS", 0.05)
+async def test_closing_the_async_sender_sends_what_waits(db: Path) -> None:
     sender = AsyncSqliteSender(SqliteQueue(db))
-    holder = _hold_write_lock(db)
-    with pytest.raises(OutboxError, match="stayed locked by another process"):
-        await asyncio.wait_for(sender.send([msg("a")]), 10)
-    holder.execute("ROLLBACK")
-    await sender.send([msg("b")])  # the sender recovers once the lock is free
-    assert [m.message_id for m in sender.queue.receive(10, 0)] == ["b"]
-    holder.close()
-    await sender.close()
-
-
-async def test_closing_the_async_sender_commits_what_waits_for_the_lock(db: Path) -> None:
-    sender = AsyncSqliteSender(SqliteQueue(db))
-    holder = _hold_write_lock(db)
-    waiting = asyncio.ensure_future(sender.send([msg("a")]))
-    await asyncio.sleep(0.01)
-    closing = asyncio.ensure_future(sender.close())
-    await asyncio.sleep(0.05)
-    assert not closing.done()  # it waits for the lock rather than dropping the send
-    holder.execute("COMMIT")
-    await asyncio.wait_for(closing, 10)
+    waiting = sender.send([msg("a")])
+    await sender.close()  # before the loop ran the group's send
     await waiting
-    holder.close()
     with SqliteQueue(db) as queue:
         assert [m.message_id for m in queue.receive(10, 0)] == ["a"]
-
-
-async def test_a_send_joining_the_wait_late_gets_its_own_time_before_failing(
-    db: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sqlite_queue, "BUSY_TIMEOUT_SECONDS", 0.5)
-    sender = AsyncSqliteSender(SqliteQueue(db))
-    holder = _hold_write_lock(db)
-    early = asyncio.ensure_future(sender.send([msg("early")]))
-    await asyncio.sleep(0.4)
-    late = asyncio.ensure_future(sender.send([msg("late")]))
-    with pytest.raises(OutboxError, match="stayed locked by another process"):
-        await early
-    await asyncio.sleep(0.05)
-    assert not late.done()  # it has waited ~0.15 s of its 0.5 s
-    holder.execute("COMMIT")
-    await asyncio.wait_for(late, 10)
-    assert [m.message_id for m in sender.queue.receive(10, 0)] == ["late"]
-    holder.close()
-    await sender.close()
-
-
-async def test_a_bad_send_in_a_waiting_group_fails_alone_and_the_rest_keep_their_order(
-    db: Path,
-) -> None:
-    sender = AsyncSqliteSender(SqliteQueue(db))
-    holder = _hold_write_lock(db)
-    bad = OutboxMessage(b"x", "bad", "s1", {"not json": object()})  # type: ignore[dict-item]
-    waiting = [asyncio.ensure_future(sender.send([m])) for m in (msg("a"), bad, msg("b"))]
-    await asyncio.sleep(0.01)
-    holder.execute("COMMIT")
-    # The group's next try raises. Whenever "c" is sent, before that or after, it must
-    # not overtake "b" (5 ms: while the old code retried each send alone in a thread).
-    await asyncio.sleep(0.005)
-    after = asyncio.ensure_future(sender.send([msg("c")]))
-    results = await asyncio.wait_for(asyncio.gather(*waiting, after, return_exceptions=True), 10)
-    assert isinstance(results[1], TypeError)
-    assert [m.message_id for m in sender.queue.receive(10, 0)] == ["a", "b", "c"]
-    holder.close()
-    await sender.close()
-
-
-async def test_closing_with_sends_behind_a_stuck_lock_takes_one_timeout_not_one_per_send(
-    db: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sqlite_queue, "BUSY_TIMEOUT_SECONDS", 0.3)
-    sender = AsyncSqliteSender(SqliteQueue(db))
-    holder = _hold_write_lock(db)
-    waiting = [asyncio.ensure_future(sender.send([msg(f"m{i}")])) for i in range(20)]
-    await asyncio.sleep(0.01)
-    started = time.monotonic()
-    await asyncio.wait_for(sender.close(), 30)
-    assert time.monotonic() - started < 20 * 0.3  # retried one by one, each waited it all
-    for outcome in await asyncio.gather(*waiting, return_exceptions=True):
-        assert isinstance(outcome, OutboxError)
-    holder.close()
 
 
 @pytest.mark.parametrize("closed", [True, False], ids=["loop closed", "loop left open"])
 def test_a_send_left_waiting_when_its_loop_ended_goes_out_with_the_next_loop(
     db: Path, closed: bool
 ) -> None:
-    """A caller that gave up while the lock was held, in a loop that then ended: its send
-    still goes out (as a cancelled caller's always does), and it does not block the next."""
+    """A send whose loop stopped before the group went out still goes out (as a cancelled
+    caller's always does), first, and does not block the next loop's sends."""
     sender = AsyncSqliteSender(SqliteQueue(db))
-    holder = _hold_write_lock(db)
-
-    async def give_up() -> None:
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(sender.send([msg("given up")]), 0.05)
-
     first = asyncio.new_event_loop()
-    first.run_until_complete(give_up())
+
+    async def send_then_stop() -> None:
+        sender.send([msg("left waiting")])
+        first.stop()  # before the next iteration, which would send the group
+        await asyncio.sleep(3600)
+
+    with pytest.raises(RuntimeError, match="stopped before"):
+        first.run_until_complete(send_then_stop())
     if closed:
         first.close()
-    holder.execute("COMMIT")
-    holder.close()
 
     async def send_again() -> None:
         await asyncio.wait_for(sender.send([msg("next")]), 10)
@@ -952,69 +882,8 @@ def test_a_send_left_waiting_when_its_loop_ended_goes_out_with_the_next_loop(
 
     asyncio.run(send_again())
     with SqliteQueue(db) as queue:
-        assert [m.message_id for m in queue.receive(10, 0)] == ["given up", "next"]
+        assert [m.message_id for m in queue.receive(10, 0)] == ["left waiting", "next"]
     first.close()
-
-
-def test_a_send_whose_loop_closed_under_it_does_not_stop_the_others(db: Path) -> None:
-    """Its caller's future can take no result any more; the sends around it still must."""
-    sender = AsyncSqliteSender(SqliteQueue(db))
-    holder = _hold_write_lock(db)
-    first = asyncio.new_event_loop()
-
-    async def send_orphaned() -> None:
-        await sender.send([msg("orphaned")])
-
-    orphaned = first.create_task(send_orphaned())
-    first.run_until_complete(asyncio.sleep(0.02))
-    first.close()  # with the task still waiting for the lock
-    assert not orphaned.done()
-    holder.execute("COMMIT")
-    holder.close()
-
-    async def send_again() -> None:
-        await asyncio.wait_for(sender.send([msg("next")]), 10)
-        await asyncio.wait_for(sender.close(), 10)
-
-    asyncio.run(send_again())
-    with SqliteQueue(db) as queue:
-        assert [m.message_id for m in queue.receive(10, 0)] == ["orphaned", "next"]
-
-
-async def test_a_bad_send_in_a_large_waiting_group_does_not_hold_the_loop(db: Path) -> None:
-    """Retried one transaction at a time after the group's commit raised, a few per loop
-    iteration."""
-    sender = AsyncSqliteSender(SqliteQueue(db))
-    iteration = 0
-
-    async def count_iterations() -> None:
-        nonlocal iteration
-        while True:
-            iteration += 1
-            await asyncio.sleep(0)
-
-    tries_per_iteration: defaultdict[int, int] = defaultdict(int)
-    try_send = sender.queue.try_send
-
-    def counted(messages: Any) -> bool:
-        tries_per_iteration[iteration] += 1
-        return try_send(messages)
-
-    sender.queue.try_send = counted  # type: ignore[method-assign]
-    counter = asyncio.ensure_future(count_iterations())
-    holder = _hold_write_lock(db)
-    bad = OutboxMessage(b"x", "bad", "s1", {"not json": object()})  # type: ignore[dict-item]
-    sends = [msg(f"m{i}") for i in range(500)] + [bad] + [msg(f"n{i}") for i in range(500)]
-    waiting = [asyncio.ensure_future(sender.send([m])) for m in sends]
-    await asyncio.sleep(0.01)
-    holder.execute("COMMIT")
-    results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 60)
-    counter.cancel()
-    assert [type(r) for r in results if r is not None] == [TypeError]
-    assert max(tries_per_iteration.values()) <= sqlite_queue.ALONE_PER_ITERATION + 1
-    assert sender.queue.depth() == 1000
-    holder.close()
-    await sender.close()
 
 
 async def test_a_failing_send_fails_alone_in_its_group(db: Path) -> None:

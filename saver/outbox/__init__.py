@@ -31,10 +31,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from .sqlite import SqliteQueue
+from typing import Protocol, runtime_checkable
 
 MAX_DELIVERY_COUNT_EXCEEDED = "MaxDeliveryCountExceeded"
 """The dead-letter reason Service Bus uses when delivery count passes the maximum."""
@@ -223,12 +220,6 @@ def open_queue(url: str) -> OutboxQueue:
     raise ValueError(_unsupported(url))
 
 
-def _sqlite_sender(url: str) -> SqliteQueue:
-    from .sqlite import SENDER_WAL_AUTOCHECKPOINT, SqliteQueue
-
-    return SqliteQueue.from_url(url, wal_autocheckpoint=SENDER_WAL_AUTOCHECKPOINT)
-
-
 def _unsupported(url: str) -> str:
     return (
         f"queue URL {redact_queue_url(url)!r} is not supported; expected sqlite:///<path> for "
@@ -240,8 +231,6 @@ def _unsupported(url: str) -> str:
 
 def open_sender(url: str) -> OutboxSender:
     """A sender for ``url`` (a saver's connection: it sends and never receives)."""
-    if url.startswith("sqlite:"):
-        return _sqlite_sender(url)
     return open_queue(url)
 
 
@@ -249,9 +238,9 @@ def open_async_sender(url: str) -> AsyncOutboxSender:
     """An ``asyncio`` sender for ``url``: the SDK's ``aio`` client for Service Bus; for the
     SQLite queue, ``AsyncSqliteSender``."""
     if url.startswith("sqlite:"):
-        from .sqlite import AsyncSqliteSender
+        from .sqlite import AsyncSqliteSender, SqliteQueue
 
-        return AsyncSqliteSender(_sqlite_sender(url))
+        return AsyncSqliteSender(SqliteQueue.from_url(url))
     if is_service_bus_url(url):
         from .servicebus import AsyncServiceBusSender
 

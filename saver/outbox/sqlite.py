@@ -4,7 +4,8 @@ It lets local mode run the same saver and worker code as Azure: peek-lock with e
 renewal, delivery counts, max delivery -> dead letter, sessions (FIFO per session id, one
 consumer per session at a time) and duplicate detection by message id. Several processes
 may open the same file; every state change runs in a ``BEGIN IMMEDIATE`` transaction, so
-SQLite's single writer lock serialises them and no message is handed out twice.
+SQLite's single writer lock serialises them and no message is handed out twice. Senders
+append to spool files instead (``spool``); consumers import them in those transactions.
 
 Delivery count convention: ``ReceivedMessage.delivery_count`` is **0 on the first
 delivery** and grows by one on each redelivery (after abandon or lock expiry). That is what
@@ -23,7 +24,9 @@ i.e. all of them.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -43,45 +46,42 @@ from . import (
     OutboxError,
     OutboxMessage,
     ReceivedMessage,
-    queue_id,
     replay_message_id,
 )
 from .grouping import SendGroups, nothing_to_send, settle
+from .spool import (
+    MAX_SPOOL_FILE_BYTES,
+    SPOOL_SUFFIX,
+    SpoolReader,
+    SpoolRecord,
+    SpoolWriter,
+    decode_records,
+    encode_record,
+    require_posix,
+    sender_gone,
+    spool_directory,
+)
 
-__all__ = ["AsyncSqliteSender", "SqliteQueue", "SqliteUrl", "WriteLockBusy", "parse_url"]
+__all__ = ["AsyncSqliteSender", "SqliteQueue", "SqliteUrl", "parse_url"]
+
+logger = logging.getLogger("langgraph.checkpoint.kusto.outbox.sqlite")
 
 BUSY_TIMEOUT_SECONDS = 30.0
 """How long a transaction waits for another process's write lock before giving up."""
 
 LOCK_RETRY_FIRST_DELAY, LOCK_RETRY_MAX_DELAY = 0.00005, 0.002
 """Backoff while another process holds a lock. SQLite's own busy handler sleeps 1, 2, 5,
-10 ms... even when a worker's transaction frees the lock in microseconds."""
+10 ms... even when another consumer's transaction frees the lock in microseconds."""
 
 DEDUP_PRUNE_INTERVAL = 1.0
 """Seconds between deletions of duplicate-detection ids older than the window."""
 
 DEFAULT_WAL_AUTOCHECKPOINT = 1_000
-SENDER_WAL_AUTOCHECKPOINT = 10_000
 """WAL pages after which a commit copies the log back into the database (SQLite's
-``wal_autocheckpoint``). A saver's connection only sends, so it leaves that work to the
-consumers, whose commits do it at the default 1,000 pages: a send's commit drops from
-~140 to ~50 µs next to a busy worker. The larger bound still caps the log when no
-consumer runs."""
-
-ALONE_PER_ITERATION = 100
-"""Sends an asyncio sender retries one by one per loop iteration after a group's commit
-raised: a transaction each, so a large group does not hold the loop (10,000 took 2.65 s)."""
+``wal_autocheckpoint``)."""
 
 POLL_FIRST_DELAY = 0.005
 POLL_MAX_DELAY = 0.05
-
-
-class WriteLockBusy(OutboxError):
-    """Another thread or process holds the queue's write lock (only raised to callers
-    that asked not to wait)."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"the write lock of queue file {path} is held")
 
 
 URL_FORM = "sqlite:///relative/path.db or sqlite:////absolute/path.db, optionally ?queue=name"
@@ -171,22 +171,28 @@ CREATE TABLE IF NOT EXISTS outbox_dead_letters (
 );
 CREATE INDEX IF NOT EXISTS outbox_dead_letters_by_time
     ON outbox_dead_letters (queue, dead_lettered_time, seq);
+CREATE TABLE IF NOT EXISTS outbox_spool (
+    queue TEXT NOT NULL,
+    file TEXT NOT NULL,
+    imported INTEGER NOT NULL,
+    PRIMARY KEY (queue, file)
+) WITHOUT ROWID;
 """
 # AUTOINCREMENT (not plain rowid) so a sequence number is never reused after the newest
 # message is completed: dead letters keep theirs and operators address them by it.
 # ``outbox_sessions`` holds a row per session that has messages; ``owner``/``locked_until``
 # is the session lock. Message locks of a session always expire with the session lock,
 # which is what makes "one consumer per session" and FIFO hold across processes.
+# ``outbox_spool`` holds how many bytes of each spool file are in ``outbox_messages``; it
+# changes in the transaction that imports them, so a record is imported exactly once.
 
 PRUNE_DEDUP = "DELETE FROM outbox_dedup WHERE queue = :queue AND enqueued_time < :horizon"
 
-# A send is one INSERT per message into this view; its trigger does the work in SQLite,
-# and ``executemany`` runs a group's INSERTs in one call. In the benchmark's graphs that
-# took ~15% off the CPU of committing a group (two messages, mostly) next to the three
-# statements per message it replaces, each a Python call. The view and trigger are TEMP
-# objects, made by a connection on its first send and seen by it alone: the file's schema
-# stays the one every version knows, and receive-only connections (the worker's) carry
-# nothing extra.
+# Importing a spooled send is one INSERT per message into this view; its trigger does the
+# work in SQLite, and ``executemany`` runs a send's INSERTs in one call (~15% less CPU than
+# three statements a message, each a Python call). The view and trigger are TEMP objects,
+# made by each connection when it opens and seen by it alone: the file's schema stays the
+# one every version knows.
 CREATE_SEND_VIEW = """
 CREATE TEMP VIEW IF NOT EXISTS outbox_send
     (queue, message_id, session_id, body, properties, now, horizon)
@@ -217,6 +223,20 @@ SEND_MESSAGE = """
 INSERT INTO temp.outbox_send (queue, message_id, session_id, body, properties, now, horizon)
 VALUES (?, ?, ?, ?, ?, ?, ?)
 """
+
+SPOOL_PROGRESS = "SELECT file, imported FROM outbox_spool WHERE queue = :queue"
+
+RECORD_SPOOL_PROGRESS = """
+INSERT INTO outbox_spool (queue, file, imported) VALUES (:queue, :file, :imported)
+ON CONFLICT (queue, file) DO UPDATE SET imported = excluded.imported
+"""
+
+REGISTER_SPOOL_FILE = """
+INSERT INTO outbox_spool (queue, file, imported) VALUES (:queue, :file, 0)
+ON CONFLICT (queue, file) DO NOTHING
+"""
+
+FORGET_SPOOL_FILE = "DELETE FROM outbox_spool WHERE queue = :queue AND file = :file"
 
 REMEMBER_MESSAGE_ID = """
 INSERT INTO outbox_dedup (queue, message_id, enqueued_time) VALUES (:queue, :message_id, :now)
@@ -353,7 +373,8 @@ class SqliteQueue:
     Implements ``OutboxSender``, ``OutboxReceiver`` and ``DeadLetterStore``. Each instance
     is one consumer (a random consumer id) with one connection guarded by a lock, so the
     saver may call it from several threads. Several named queues may share a file.
-    Times (``enqueued_time``, ``locked_until``) are Unix epoch seconds.
+    Times (``enqueued_time``, ``locked_until``) are Unix epoch seconds. A sending instance
+    appends to its own spool file (``spool``); receiving and ``depth`` import the spools.
     """
 
     def __init__(
@@ -366,6 +387,7 @@ class SqliteQueue:
         duplicate_detection_window: float = 600.0,
         wal_autocheckpoint: int = DEFAULT_WAL_AUTOCHECKPOINT,
     ) -> None:
+        require_posix()
         if sqlite3.sqlite_version_info < (3, 35, 0):
             raise OutboxError(
                 f"SqliteQueue needs SQLite 3.35 or newer (for RETURNING); this Python links "
@@ -389,9 +411,14 @@ class SqliteQueue:
         self.duplicate_detection_window = duplicate_detection_window
         self.wal_autocheckpoint = wal_autocheckpoint
         self._next_dedup_prune = 0.0
-        self._send_view_created = False
         self._consumer_id = uuid.uuid4().hex
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a send's first append registers its file
+        self._spool_directory = spool_directory(self._absolute_path, queue)
+        self._spool: SpoolWriter | None = None
+        """This instance's spool file, made on its first send."""
+        self._spool_seen: dict[str, tuple[int, bool]] = {}
+        """Per spool file: bytes imported and whether its sender had gone, as of this
+        instance's last committed import (so an idle consumer takes no write lock)."""
         self._conn = self._connect()
         self._file = self._file_now()
 
@@ -470,6 +497,8 @@ class SqliteQueue:
                 if statement.strip():
                     conn.execute(statement)
             conn.execute("COMMIT")
+            conn.execute(CREATE_SEND_VIEW)
+            conn.execute(CREATE_SEND_TRIGGER)
             # From here on ``_execute`` waits for busy locks itself, at a finer grain.
             conn.execute("PRAGMA busy_timeout = 0")
         except BaseException:
@@ -478,25 +507,35 @@ class SqliteQueue:
         return conn
 
     @contextmanager
-    def _transaction(self, *, wait: bool = True) -> Iterator[sqlite3.Connection]:
-        """One ``BEGIN IMMEDIATE`` transaction; with ``wait=False``, ``WriteLockBusy`` at
-        once instead of waiting when another thread or process holds the write lock."""
-        if not self._lock.acquire(blocking=wait):
-            raise WriteLockBusy(self.path)
-        try:
-            self._execute("BEGIN IMMEDIATE", wait=wait)
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` transaction."""
+        with self._lock:
+            self._execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
-        finally:
-            self._lock.release()
 
-    def _execute(
-        self, statement: str, params: dict[str, object] | None = None, *, wait: bool = True
-    ) -> sqlite3.Cursor:
+    @contextmanager
+    def _importing(self) -> Iterator[sqlite3.Connection]:
+        """A transaction that first imports the spool; the files it finished (their
+        senders gone, every record imported) are deleted once it has committed."""
+        readers: list[SpoolReader] = []
+        try:
+            with self._transaction() as conn:
+                self._import_spool(conn, readers)
+                yield conn
+            self._spool_seen = {r.path.name: (r.imported, r.sender_gone) for r in readers}
+            for reader in readers:
+                if reader.finished:
+                    reader.remove()
+        finally:
+            for reader in readers:
+                reader.close()
+
+    def _execute(self, statement: str, params: dict[str, object] | None = None) -> sqlite3.Cursor:
         """Execute, retrying at sub-millisecond intervals while another process holds a
         lock the statement needs (the connection's own busy timeout is 0)."""
         deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
@@ -508,8 +547,6 @@ class SqliteQueue:
                 # The primary code: BUSY_RECOVERY, BUSY_SNAPSHOT... are waits too.
                 if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
                     raise
-                if not wait:
-                    raise WriteLockBusy(self.path) from error
                 if time.monotonic() > deadline:
                     raise self._locked_too_long(error) from error
             time.sleep(delay)
@@ -527,64 +564,125 @@ class SqliteQueue:
     # --- OutboxSender -------------------------------------------------------------------
 
     def send(self, messages: Sequence[OutboxMessage]) -> None:
-        """Enqueue all messages in one transaction: other processes see all or none.
+        """Enqueue all messages at once: other processes see all or none.
 
-        A message whose id this queue accepted within ``duplicate_detection_window`` seconds
-        (earlier in the same call included) is dropped silently, as Service Bus does, so a
-        saver that retries a publish after a crash does not enqueue twice. Ids longer than
-        Service Bus allows are stored in their ``queue_id`` form, as the Service Bus backend
-        sends them.
+        The send is one append to this instance's spool file, which survives the process
+        (not an OS crash: like SQLite's ``synchronous = NORMAL``); it never waits for a
+        consumer's lock, except on the first send to a new file, which registers it. A message whose id this queue accepted within
+        ``duplicate_detection_window`` seconds (earlier in the same call included) is
+        dropped silently when consumers import it, as Service Bus drops it, so a saver
+        that retries a publish after a crash does not enqueue twice. Ids longer than Service
+        Bus allows are stored in their ``queue_id`` form, as the Service Bus backend sends
+        them.
         """
-        self._send(messages, wait=True)
-
-    def try_send(self, messages: Sequence[OutboxMessage]) -> bool:
-        """``send`` if the write lock is free right now; ``False`` (nothing sent) if not.
-
-        For callers that must not block, such as an event loop's own thread.
-        """
-        try:
-            self._send(messages, wait=False)
-        except WriteLockBusy:
-            return False
-        return True
-
-    def _send(self, messages: Sequence[OutboxMessage], *, wait: bool) -> None:
         _check_messages(messages)
         if not messages:
             return
-        with self._transaction(wait=wait) as conn:
-            if not self._send_view_created:
-                # Part of this transaction: a rollback drops them again, so the flag is
-                # set only after the commit.
-                conn.execute(CREATE_SEND_VIEW)
-                conn.execute(CREATE_SEND_TRIGGER)
-            now = time.time()
-            horizon = now - self.duplicate_detection_window
-            if now >= self._next_dedup_prune:
-                # Expired ids are already ignored by the send trigger; deleting them is
-                # housekeeping, so once a second is enough.
-                conn.execute(PRUNE_DEDUP, self._params(horizon=horizon))
-                self._next_dedup_prune = now + DEDUP_PRUNE_INTERVAL
+        record = encode_record(messages, time.time(), self.duplicate_detection_window)
+        with self._lock:
+            if self._spool is None or self._spool.size >= MAX_SPOOL_FILE_BYTES:
+                if self._spool is not None:
+                    self._spool.close()
+                self._spool = SpoolWriter(self._spool_directory)
+                self._register_spool_file(self._spool.path.name)
+            spool = self._spool
+            try:
+                spool.append(record)
+            except OSError as error:
+                self._spool = None
+                raise OutboxError(f"cannot append to spool file {spool.path}: {error}") from error
+            kept = spool.kept()
+        if not kept:
+            raise OutboxError(
+                f"the spool file {spool.path} was deleted or replaced while this process had "
+                f"it open: {self._LOST_SENDS}"
+            )
+        self._check_file_kept(self._LOST_SENDS)
+
+    def _register_spool_file(self, name: str) -> None:
+        """Record the new file (once per file: not a send's cost), so the queue's name is
+        in the file for tools such as ``dlq`` before any consumer imported it."""
+        with self._transaction() as conn:
+            conn.execute(REGISTER_SPOOL_FILE, self._params(file=name))
+
+    _LOST_SENDS = (
+        "what it sends there now reaches no worker. Close and reopen the saver (or restart "
+        "this process) to send to the file at that path again."
+    )
+
+    # --- Spool import -------------------------------------------------------------------
+
+    def _import_spool(self, conn: sqlite3.Connection, readers: list[SpoolReader]) -> None:
+        """Move the records senders appended since the last import into the queue, in
+        ``conn``'s transaction. Sends from several files go in by time (each file's in
+        its own order), as Service Bus orders sends from several clients by arrival."""
+        progress = dict(conn.execute(SPOOL_PROGRESS, self._params()).fetchall())
+        present = {path.name: path for path in self._spool_directory.glob(f"*{SPOOL_SUFFIX}")}
+        for name in progress.keys() - present.keys():  # deleted after an earlier import
+            conn.execute(FORGET_SPOOL_FILE, self._params(file=name))
+        spooled: list[list[SpoolRecord]] = []
+        for name, path in sorted(present.items()):
+            try:
+                reader = SpoolReader(path)
+            except FileNotFoundError:  # another consumer finished and deleted it
+                continue
+            readers.append(reader)
+            imported = progress.get(name, 0)
+            data = reader.read_from(imported)
+            records, used = decode_records(data)
+            if reader.sender_gone:
+                if used < len(data):
+                    logger.warning(
+                        "dropping a send cut short at the end of a spool file: its sender "
+                        "stopped while writing it, so that send never returned",
+                        extra={"queue": self.queue, "file": str(path), "bytes": len(data) - used},
+                    )
+                reader.finished = True
+            if used:
+                conn.execute(
+                    RECORD_SPOOL_PROGRESS, self._params(file=name, imported=imported + used)
+                )
+            reader.imported = imported + used
+            spooled.append(records)
+        if not spooled:
+            return
+        now = time.time()
+        if now >= self._next_dedup_prune:
+            # Expired ids are already ignored by the send trigger; deleting them is
+            # housekeeping, so once a second is enough.
+            conn.execute(PRUNE_DEDUP, self._params(horizon=now - self.duplicate_detection_window))
+            self._next_dedup_prune = now + DEDUP_PRUNE_INTERVAL
+        for record in heapq.merge(*spooled, key=lambda record: record.enqueued_time):
+            sent = record.enqueued_time
+            horizon = sent - record.duplicate_detection_window
             conn.executemany(
                 SEND_MESSAGE,
                 [
-                    (
-                        self.queue,
-                        queue_id(message.message_id),
-                        queue_id(message.session_id),
-                        bytes(message.body),
-                        json.dumps(message.application_properties),
-                        now,
-                        horizon,
-                    )
-                    for message in messages
+                    (self.queue, m.message_id, m.session_id, m.body, m.properties, sent, horizon)
+                    for m in record.messages
                 ],
             )
-        self._send_view_created = True
-        self._check_file_kept(
-            "what it sends there now reaches no worker. Close and reopen the saver (or "
-            "restart this process) to send to the file at that path again."
-        )
+
+    def _spool_has_news(self) -> bool:
+        """Whether a spool file holds records this instance has not imported, or has a
+        sender that left since (so it can be deleted), without taking the write lock."""
+        try:
+            entries = list(os.scandir(self._spool_directory))
+        except FileNotFoundError:
+            return False
+        for entry in entries:
+            if not entry.name.endswith(SPOOL_SUFFIX):
+                continue
+            seen = self._spool_seen.get(entry.name)
+            try:
+                size = entry.stat().st_size
+            except FileNotFoundError:
+                continue
+            if seen is None or seen[0] != size or seen[1]:
+                return True
+            if sender_gone(Path(entry.path)):
+                return True
+        return False
 
     # --- OutboxReceiver -----------------------------------------------------------------
 
@@ -613,13 +711,17 @@ class SqliteQueue:
 
     def _receive_now(self, max_messages: int) -> list[ReceivedMessage]:
         # A read never waits for (or blocks) a writer in WAL mode; the write lock is
-        # taken only when there is something to lock, so idle polling by consumers does
-        # not stall producers in SQLite's busy-wait sleeps.
+        # taken only when there is something to import or lock, so idle consumers do not
+        # stall each other in SQLite's busy-wait sleeps.
         with self._lock:
-            if self._execute(ANY_AVAILABLE, self._params(now=time.time())).fetchone() is None:
-                return []
+            idle = (
+                not self._spool_has_news()
+                and self._execute(ANY_AVAILABLE, self._params(now=time.time())).fetchone() is None
+            )
+        if idle:
+            return []
         received: list[ReceivedMessage] = []
-        with self._transaction() as conn:
+        with self._importing() as conn:
             now = time.time()
             until = now + self.lock_duration
             sessions = [row[0] for row in conn.execute(OPEN_SESSIONS, self._params(now=now))]
@@ -833,9 +935,10 @@ class SqliteQueue:
     # --- Monitoring and lifecycle -------------------------------------------------------
 
     def depth(self) -> int:
-        """Active messages in this queue, locked or not (dead letters excluded)."""
-        with self._lock:
-            return int(self._execute(COUNT_MESSAGES, self._params()).fetchone()[0])
+        """Active messages in this queue, locked or not (dead letters excluded), spooled
+        sends included (they are imported first)."""
+        with self._importing() as conn:
+            return int(conn.execute(COUNT_MESSAGES, self._params()).fetchone()[0])
 
     def dead_letter_count(self) -> int:
         """Messages in this queue's dead-letter sub-queue."""
@@ -843,8 +946,12 @@ class SqliteQueue:
             return int(self._execute(COUNT_DEAD_LETTERS, self._params()).fetchone()[0])
 
     def close(self) -> None:
-        """Close the connection; locks this consumer holds expire after ``lock_duration``."""
+        """Close the connection and the spool file (consumers import what it holds, then
+        delete it); locks this consumer holds expire after ``lock_duration``."""
         with self._lock:
+            if self._spool is not None:
+                self._spool.close()
+                self._spool = None
             self._conn.close()
 
     def __enter__(self) -> Self:
@@ -863,26 +970,21 @@ class SqliteQueue:
 
 
 class AsyncSqliteSender:
-    """``AsyncOutboxSender`` over a ``SqliteQueue``, committing in groups (``grouping``).
+    """``AsyncOutboxSender`` over a ``SqliteQueue``, sending in groups (``grouping``).
 
-    A group is the sends of one event-loop iteration, committed on the loop's own thread:
-    its transaction is ~70 µs of local I/O. While another process holds the write lock,
-    the group stays on the loop and tries again after 50 µs, doubling to 2 ms, joined by
-    the sends made meanwhile, so the queue takes sends in the order they were made; a send
-    still waiting after ``BUSY_TIMEOUT_SECONDS`` fails. A worker thread would wait for the
-    GIL after each statement while the loop is busy: in the benchmark's graph, sends handed
-    to one took 6-8 ms each (p50), against ~0.4 ms on the loop, and the graph ran 10-37%
-    slower.
+    A group is the sends of one event-loop iteration (in a LangGraph step: its writes and
+    its checkpoint), appended to the spool in one ``write`` on the loop's own thread. It
+    never waits for a lock, so no thread is needed: a worker thread would wait for the GIL
+    while the loop is busy (6-8 ms a send in the benchmark's graph).
     """
 
     def __init__(self, queue: SqliteQueue) -> None:
         self.queue = queue
         self._groups = SendGroups()
         self._scheduled: asyncio.Handle | None = None
-        """The next commit of the waiting sends, if one is scheduled ..."""
+        """The send of the waiting group, if one is scheduled ..."""
         self._scheduled_on: asyncio.AbstractEventLoop | None = None
         """... and the loop it is scheduled on."""
-        self._delay = LOCK_RETRY_FIRST_DELAY
 
     def send(self, messages: Sequence[OutboxMessage]) -> asyncio.Future[None]:
         _check_messages(messages)
@@ -892,57 +994,39 @@ class AsyncSqliteSender:
         return self._groups.add(messages)
 
     def _schedule(self) -> None:
-        """A commit soon on the running loop, unless one is scheduled there already: also
+        """A send soon on the running loop, unless one is scheduled there already: also
         when the loop it was scheduled on has ended, leaving the sends of its cancelled
         callers waiting (they are still sent, as a cancelled caller's always are)."""
         loop = asyncio.get_running_loop()
         if self._scheduled is None or self._scheduled_on is not loop:
             self._scheduled_on = loop
-            self._scheduled = loop.call_soon(self._commit_group)
+            self._scheduled = loop.call_soon(self._send_group)
 
-    def _commit_group(self) -> None:
+    def _send_group(self) -> None:
         self._scheduled = None
+        group, messages = self._groups.take()
         try:
-            locked = not self.queue.try_send(self._groups.messages())
-            if not locked:
-                settle(self._groups.take()[0], None)
-        except Exception:
-            locked = self._commit_alone()
-        if self._groups:
-            expired = self._groups.take_older_than(BUSY_TIMEOUT_SECONDS)
-            settle(expired, self.queue._locked_too_long("database is locked"))
-        if not self._groups:
-            self._delay = LOCK_RETRY_FIRST_DELAY
-            return
-        loop = asyncio.get_running_loop()
-        if locked:
-            self._scheduled = loop.call_later(self._delay, self._commit_group)
-            self._delay = min(self._delay * 2, LOCK_RETRY_MAX_DELAY)
-        else:  # sends were retried alone; the rest go together in the next iteration
-            self._scheduled = loop.call_soon(self._commit_group)
-
-    def _commit_alone(self) -> bool:
-        """After a group's commit raised: up to ``ALONE_PER_ITERATION`` sends alone, oldest
-        first, so that only a bad one fails and no later send overtakes the others.
-        ``True`` if it stopped because another process holds the lock."""
-        for _ in range(ALONE_PER_ITERATION):
-            if not self._groups:
-                break
-            try:
-                if not self.queue.try_send(self._groups.first()):
-                    return True
-            except Exception as error:
-                settle(self._groups.take_first(), error)
-            else:
-                settle(self._groups.take_first(), None)
-        return False
+            self.queue.send(messages)
+        except Exception as error:
+            if len(group) == 1:
+                settle(group, error)
+                return
+            # Each alone, in order, so only the bad one fails (a message whose
+            # properties are not JSON fails before anything is written).
+            for alone, done in group:
+                try:
+                    self.queue.send(alone)
+                except Exception as its_error:
+                    settle([(alone, done)], its_error)
+                else:
+                    settle([(alone, done)], None)
+        else:
+            settle(group, None)
 
     async def close(self) -> None:
-        """Let what waits for the write lock be committed (or fail after waiting
-        ``BUSY_TIMEOUT_SECONDS``), then close the queue."""
-        while self._groups:
-            self._schedule()
-            await asyncio.sleep(LOCK_RETRY_MAX_DELAY)
+        """Send what waits, then close the queue."""
+        if self._groups:
+            self._send_group()
         self.queue.close()
 
 

@@ -1,0 +1,137 @@
+"""The SQLite queue's spool: what senders append reaches consumers exactly once, a send
+cut short is dropped only when it never returned, and spool files go once imported."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+from langgraph.checkpoint.kusto.outbox import OutboxError, OutboxMessage
+from langgraph.checkpoint.kusto.outbox import spool as spool_module
+from langgraph.checkpoint.kusto.outbox import sqlite as sqlite_queue
+from langgraph.checkpoint.kusto.outbox.spool import SpoolWriter, encode_record, spool_directory
+from langgraph.checkpoint.kusto.outbox.sqlite import SqliteQueue
+
+
+def msg(message_id: str, session_id: str = "s1") -> OutboxMessage:
+    return OutboxMessage(message_id.encode(), message_id, session_id, {"kind": "checkpoint"})
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "outbox.db"
+
+
+def spool_files(db: Path, queue: str = "events") -> list[Path]:
+    return sorted(spool_directory(db.absolute(), queue).glob("*.log"))
+
+
+def received_ids(queue: SqliteQueue) -> list[str]:
+    return [m.message_id for m in queue.receive(100, 0)]
+
+
+def test_a_send_cut_short_by_a_failed_write_is_dropped_and_the_sends_around_it_kept(
+    db: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Half a record reached the file before the disk filled up: that send raised, so it
+    was never accepted; the sender goes on in a new file, and a consumer drops the half
+    record (its sender has left the file) but keeps what came before it."""
+    with SqliteQueue(db) as sender, SqliteQueue(db) as worker:
+        sender.send([msg("a")])
+        write = os.write
+
+        def disk_full_halfway(fd: int, data: bytes) -> int:
+            write(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(spool_module.os, "write", disk_full_halfway)
+        with pytest.raises(OutboxError, match=r"cannot append to spool file .* No space left"):
+            sender.send([msg("torn")])
+        monkeypatch.setattr(spool_module.os, "write", write)
+        sender.send([msg("b")])
+        assert len(spool_files(db)) == 2
+        with caplog.at_level(logging.WARNING, logger=sqlite_queue.logger.name):
+            assert received_ids(worker) == ["a", "b"]
+        assert [r.getMessage() for r in caplog.records] == [
+            "dropping a send cut short at the end of a spool file: its sender stopped "
+            "while writing it, so that send never returned"
+        ]
+        assert len(spool_files(db)) == 1  # the abandoned file went; the sender's own stays
+
+
+def test_a_record_a_live_sender_is_still_writing_is_waited_for_not_dropped(db: Path) -> None:
+    record = encode_record([msg("slow")], time.time(), 600.0)
+    writer = SpoolWriter(spool_directory(db.absolute(), "events"))
+    with SqliteQueue(db) as worker:
+        writer.append(record[:10])
+        assert worker.receive(10, 0) == []
+        assert worker.depth() == 0
+        writer.append(record[10:])
+        assert received_ids(worker) == ["slow"]
+    writer.close()
+
+
+def _send_and_die(db: Path) -> None:
+    queue = SqliteQueue(db)
+    queue.send([msg("a")])
+    queue.send([msg("b"), msg("c")])
+    os._exit(0)  # no close(): as if killed
+
+
+def test_the_sends_of_a_sender_process_that_died_arrive_and_its_spool_file_goes(
+    db: Path,
+) -> None:
+    process = multiprocessing.get_context("spawn").Process(target=_send_and_die, args=(db,))
+    process.start()
+    process.join(60)
+    assert process.exitcode == 0
+    with SqliteQueue(db) as worker:
+        assert received_ids(worker) == ["a", "b", "c"]
+        assert spool_files(db) == []
+
+
+def test_a_closed_sender_s_spool_file_goes_once_imported_even_by_an_idle_consumer(
+    db: Path,
+) -> None:
+    with SqliteQueue(db) as worker:
+        sender = SqliteQueue(db)
+        sender.send([msg("a")])
+        assert received_ids(worker) == ["a"]
+        assert len(spool_files(db)) == 1  # its sender is still there
+        sender.close()
+        assert worker.receive(10, 0) == []  # nothing new, but the file can go now
+        assert spool_files(db) == []
+
+
+def test_a_sender_moves_to_a_new_spool_file_past_the_size_limit_and_the_old_ones_go(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_queue, "MAX_SPOOL_FILE_BYTES", 1)
+    with SqliteQueue(db) as sender, SqliteQueue(db) as worker:
+        for name in ("a", "b", "c"):
+            sender.send([msg(name)])
+        assert len(spool_files(db)) == 3
+        assert received_ids(worker) == ["a", "b", "c"]
+        assert len(spool_files(db)) == 1
+
+
+def test_sends_from_several_senders_keep_the_order_they_were_made_in(db: Path) -> None:
+    with SqliteQueue(db) as first, SqliteQueue(db) as second, SqliteQueue(db) as worker:
+        for sender, name in ((first, "a"), (second, "b"), (first, "c"), (second, "d")):
+            sender.send([msg(name)])
+            time.sleep(0.002)
+        assert received_ids(worker) == ["a", "b", "c", "d"]
+
+
+def test_a_spool_import_is_never_repeated_by_another_consumer(db: Path) -> None:
+    with SqliteQueue(db) as sender, SqliteQueue(db) as one, SqliteQueue(db) as other:
+        sender.send([msg("a"), msg("b", "s2")])
+        assert one.depth() == 2
+        assert other.depth() == 2  # the same two: the progress is in the file, not in memory
+        assert sorted(received_ids(other)) == ["a", "b"]
+        assert one.receive(10, 0) == []
