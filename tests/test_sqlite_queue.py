@@ -780,6 +780,18 @@ def test_a_send_after_the_queue_file_was_deleted_or_replaced_fails(db: Path) -> 
         assert [m.message_id for m in reopened.receive(10, 0)] == ["reopened"]
 
 
+def test_a_send_after_only_the_queue_file_was_replaced_reaches_the_new_one(db: Path) -> None:
+    """The new file imports from the same spool directory, from its start: nothing lost."""
+    with SqliteQueue(db) as queue:
+        queue.send([msg("before")])
+        for path in db.parent.glob(db.name + "*"):
+            if path.is_file():
+                path.unlink()
+        with SqliteQueue(db) as replacement:
+            queue.send([msg("after")])
+            assert [m.message_id for m in replacement.receive(10, 0)] == ["before", "after"]
+
+
 def test_a_send_after_its_spool_file_alone_was_deleted_fails(db: Path) -> None:
     with SqliteQueue(db) as queue, SqliteQueue(db) as worker:
         queue.send([msg("before")])

@@ -15,6 +15,7 @@ properties_json], ...]]`` (the sender's window, as a send checked it before): a 
 short by a sender that died in the middle of a ``write`` (whose send therefore never
 returned) fails its check and is dropped once its sender is gone.
 
+Records are encoded by ormsgpack (faster) and decoded by msgpack, as envelopes are.
 ``flock`` makes the local queue POSIX-only (Linux, macOS; on Windows, use WSL).
 """
 
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import msgpack
+import ormsgpack
 
 from . import OutboxError, OutboxMessage, queue_id
 
@@ -89,7 +91,7 @@ def encode_record(
     messages: Sequence[OutboxMessage], enqueued_time: float, duplicate_detection_window: float
 ) -> bytes:
     """One send as a spool record (``TypeError`` if a message's properties are not JSON)."""
-    payload = msgpack.packb(
+    payload = ormsgpack.packb(
         [
             enqueued_time,
             duplicate_detection_window,
@@ -103,7 +105,6 @@ def encode_record(
                 for message in messages
             ],
         ],
-        use_bin_type=True,
     )
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 

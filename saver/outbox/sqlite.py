@@ -568,12 +568,12 @@ class SqliteQueue:
 
         The send is one append to this instance's spool file, which survives the process
         (not an OS crash: like SQLite's ``synchronous = NORMAL``); it never waits for a
-        consumer's lock, except on the first send to a new file, which registers it. A message whose id this queue accepted within
-        ``duplicate_detection_window`` seconds (earlier in the same call included) is
-        dropped silently when consumers import it, as Service Bus drops it, so a saver
-        that retries a publish after a crash does not enqueue twice. Ids longer than Service
-        Bus allows are stored in their ``queue_id`` form, as the Service Bus backend sends
-        them.
+        consumer's lock, except on the first send to a new file, which registers it. A
+        message whose id this queue accepted within ``duplicate_detection_window`` seconds
+        (earlier in the same call included) is dropped silently when consumers import it,
+        as Service Bus drops it, so a saver that retries a publish after a crash does not
+        enqueue twice. Ids longer than Service Bus allows are stored in their ``queue_id``
+        form, as the Service Bus backend sends them.
         """
         _check_messages(messages)
         if not messages:
@@ -593,22 +593,19 @@ class SqliteQueue:
                 raise OutboxError(f"cannot append to spool file {spool.path}: {error}") from error
             kept = spool.kept()
         if not kept:
+            # The queue file itself is not checked: whatever file is at its path imports
+            # from this spool directory, so the send still reaches a worker.
             raise OutboxError(
                 f"the spool file {spool.path} was deleted or replaced while this process had "
-                f"it open: {self._LOST_SENDS}"
+                "it open: what it sends there now reaches no worker. Close and reopen the "
+                "saver (or restart this process) to send to a new spool file."
             )
-        self._check_file_kept(self._LOST_SENDS)
 
     def _register_spool_file(self, name: str) -> None:
         """Record the new file (once per file: not a send's cost), so the queue's name is
         in the file for tools such as ``dlq`` before any consumer imported it."""
         with self._transaction() as conn:
             conn.execute(REGISTER_SPOOL_FILE, self._params(file=name))
-
-    _LOST_SENDS = (
-        "what it sends there now reaches no worker. Close and reopen the saver (or restart "
-        "this process) to send to the file at that path again."
-    )
 
     # --- Spool import -------------------------------------------------------------------
 
