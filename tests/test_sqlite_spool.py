@@ -135,3 +135,16 @@ def test_a_spool_import_is_never_repeated_by_another_consumer(db: Path) -> None:
         assert other.depth() == 2  # the same two: the progress is in the file, not in memory
         assert sorted(received_ids(other)) == ["a", "b"]
         assert one.receive(10, 0) == []
+
+
+def test_properties_the_queue_cannot_store_as_json_are_refused_by_the_send(db: Path) -> None:
+    """Consumers encode properties; one they could not encode would stop the queue."""
+    with SqliteQueue(db) as queue:
+        for bad in ({"raw": b"bytes"}, {"when": time}, {1: "int key"}):
+            with pytest.raises(TypeError):
+                queue.send([OutboxMessage(b"x", "bad", "s1", bad)])  # type: ignore[arg-type]
+        queue.send([OutboxMessage(b"y", "nested", "s1", {"tags": ["a", 1], "n": None})])
+        received = queue.receive(10, 0)
+        assert [(m.message_id, m.application_properties) for m in received] == [
+            ("nested", {"tags": ["a", 1], "n": None})
+        ]

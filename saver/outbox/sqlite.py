@@ -655,7 +655,15 @@ class SqliteQueue:
             conn.executemany(
                 SEND_MESSAGE,
                 [
-                    (self.queue, m.message_id, m.session_id, m.body, m.properties, sent, horizon)
+                    (
+                        self.queue,
+                        m.message_id,
+                        m.session_id,
+                        m.body,
+                        json.dumps(m.properties),
+                        sent,
+                        horizon,
+                    )
                     for m in record.messages
                 ],
             )
