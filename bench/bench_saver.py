@@ -17,7 +17,7 @@ AsyncPostgresSaver runs on a throwaway local server when PostgreSQL is installed
 The local Kusto server and the worker run as their own processes at idle CPU priority
 (``SCHED_IDLE``: they get only CPU time the app leaves): deployed, they run on other
 machines, while here they share the two cores with the app being measured. They still
-drain the queue concurrently, and the worker still contends for the SQLite outbox file.
+drain the queue concurrently, and the worker imports the saver's spool files as it goes.
 ``--stack-priority normal`` measures them competing with the app instead.
 """
 
