@@ -3,7 +3,8 @@
 A send to the SQLite queue is one ``write`` of one record to the sender's own spool file,
 not a SQLite transaction. Inside a LangGraph step a transaction cost ~350-450 µs of CPU
 on the app's thread (cold caches: ~7 B-tree pages to the WAL, locks, the trigger); the
-append costs ~85 µs, and a sender never waits for a consumer's write lock. Consumers move
+append costs ~85 µs, and a sender waits for a consumer's write lock only once per file
+(to register it, so the queue's name is in the database for tools). Consumers move
 the records into the queue's tables inside their own write transaction, together with
 how far they have read each file, so a record is imported exactly once.
 

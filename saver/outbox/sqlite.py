@@ -1016,8 +1016,8 @@ class AsyncSqliteSender:
             if len(group) == 1:
                 settle(group, error)
                 return
-            # Each alone, in order, so only the bad one fails (a message whose
-            # properties are not JSON fails before anything is written).
+            # Each alone, in order and at once (not in a task, as grouping.failed does),
+            # so only the bad one fails and no later send overtakes the others.
             for alone, done in group:
                 try:
                     self.queue.send(alone)
