@@ -1,8 +1,8 @@
 """Group commit for the ``asyncio`` senders.
 
 LangGraph saves a step's writes and the next checkpoint from concurrent tasks, so sends
-arrive together; a backend commits a whole group in one operation (one SQLite
-transaction, one Service Bus round trip) and each caller still awaits its own result.
+arrive together; a backend commits a whole group in one operation (one append to the SQLite
+queue's spool, one Service Bus round trip) and each caller still awaits its own result.
 If a group fails, each send in it is retried alone, so one caller's error is never
 another's; sends the failed group did deliver are dropped as duplicates by message id.
 """
@@ -10,8 +10,6 @@ another's; sends the failed group did deliver are dropped as duplicates by messa
 from __future__ import annotations
 
 import asyncio
-import bisect
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -30,8 +28,6 @@ class SendGroups:
 
     def __init__(self) -> None:
         self._waiting: Group = []
-        self._since: list[float] = []
-        """When each waiting send was made (``time.monotonic()``), in the same order."""
 
     def __bool__(self) -> bool:
         return bool(self._waiting)
@@ -40,34 +36,12 @@ class SendGroups:
         """Queue a send; its caller awaits the future."""
         done = asyncio.get_running_loop().create_future()
         self._waiting.append((messages, done))
-        self._since.append(time.monotonic())
         return done
-
-    def messages(self) -> list[OutboxMessage]:
-        """The messages of everything waiting, in order (they stay waiting)."""
-        return [message for messages, _ in self._waiting for message in messages]
-
-    def first(self) -> Sequence[OutboxMessage]:
-        """The messages of the oldest waiting send (it stays waiting)."""
-        return self._waiting[0][0]
 
     def take(self) -> tuple[Group, list[OutboxMessage]]:
         """Everything waiting, as a group and its messages in order."""
-        messages = self.messages()
-        group, self._waiting, self._since = self._waiting, [], []
-        return group, messages
-
-    def take_first(self) -> Group:
-        """The oldest waiting send, as a group of one."""
-        del self._since[0]
-        return [self._waiting.pop(0)]
-
-    def take_older_than(self, seconds: float) -> Group:
-        """The sends made more than ``seconds`` ago; the rest stay waiting."""
-        count = bisect.bisect_left(self._since, time.monotonic() - seconds)
-        group = self._waiting[:count]
-        del self._waiting[:count], self._since[:count]
-        return group
+        group, self._waiting = self._waiting, []
+        return group, [message for messages, _ in group for message in messages]
 
 
 def nothing_to_send() -> asyncio.Future[None]:
