@@ -148,3 +148,21 @@ def test_properties_the_queue_cannot_store_as_json_are_refused_by_the_send(db: P
         assert [(m.message_id, m.application_properties) for m in received] == [
             ("nested", {"tags": ["a", 1], "n": None})
         ]
+
+
+@pytest.mark.parametrize("budget", [1, 110], ids=["smaller than a record", "two records"])
+def test_a_backlog_is_imported_a_budget_at_a_time_and_a_record_larger_than_it_whole(
+    db: Path, monkeypatch: pytest.MonkeyPatch, budget: int
+) -> None:
+    monkeypatch.setattr(sqlite_queue, "MAX_IMPORT_BYTES", budget)
+    with SqliteQueue(db) as sender:
+        for name in ("a", "b", "c", "d"):
+            sender.send([msg(name)])
+    record_bytes = spool_files(db)[0].stat().st_size // 4
+    assert 2 * record_bytes <= 110 < 3 * record_bytes  # 110 bytes hold two whole records
+    per_import = 1 if budget == 1 else 2
+    with SqliteQueue(db) as worker:
+        depths = [worker.depth() for _ in range(4 // per_import)]
+        assert depths == list(range(per_import, 5, per_import))
+        assert spool_files(db) == []  # deleted with its last record's import
+        assert received_ids(worker) == ["a", "b", "c", "d"]

@@ -142,6 +142,17 @@ def decode_records(data: bytes) -> tuple[list[SpoolRecord], int]:
     return records, at
 
 
+class SpoolRead(NamedTuple):
+    records: list[SpoolRecord]
+    used: int
+    """Bytes the records take."""
+    reached_end: bool
+    """Whether the read went to the end of the file (as it was then) ..."""
+    left: int
+    """... and how many bytes after the records it holds: at the end of a file whose
+    sender has gone, a record cut short."""
+
+
 class SpoolWriter:
     """A sender's own spool file: created, locked, then named, so that a consumer never
     takes an unlocked file for one whose sender has gone."""
@@ -208,10 +219,19 @@ class SpoolReader:
         self.finished = False
         """... and whether that is all of them, for good."""
 
-    def read_from(self, offset: int) -> bytes:
-        with os.fdopen(os.dup(self._fd), "rb") as file:
-            file.seek(offset)
-            return file.read()
+    def read_records(self, offset: int, budget: int) -> SpoolRead:
+        """The whole records from ``offset`` on, about ``budget`` bytes of them (at least
+        one, however large, if there is one)."""
+        size = os.fstat(self._fd).st_size
+        wanted = max(budget, _HEADER.size)  # enough to learn the first record's length
+        data = os.pread(self._fd, max(min(wanted, size - offset), 0), offset)
+        records, used = decode_records(data)
+        if not records and len(data) >= _HEADER.size:
+            whole = _HEADER.size + _HEADER.unpack_from(data)[0]
+            if whole > len(data):  # one record larger than the budget
+                data = os.pread(self._fd, min(whole, size - offset), offset)
+                records, used = decode_records(data)
+        return SpoolRead(records, used, offset + len(data) >= size, size - offset - used)
 
     def remove(self) -> None:
         """Delete the file (only after the import that finished it has committed)."""

@@ -55,7 +55,6 @@ from .spool import (
     SpoolReader,
     SpoolRecord,
     SpoolWriter,
-    decode_records,
     encode_record,
     require_posix,
     sender_gone,
@@ -72,6 +71,10 @@ BUSY_TIMEOUT_SECONDS = 30.0
 LOCK_RETRY_FIRST_DELAY, LOCK_RETRY_MAX_DELAY = 0.00005, 0.002
 """Backoff while another process holds a lock. SQLite's own busy handler sleeps 1, 2, 5,
 10 ms... even when another consumer's transaction frees the lock in microseconds."""
+
+MAX_IMPORT_BYTES = 16 << 20
+"""Spooled bytes one import takes at most (or one record, if larger): a consumer that
+comes back to a large backlog imports it over several transactions, not all in memory."""
 
 DEDUP_PRUNE_INTERVAL = 1.0
 """Seconds between deletions of duplicate-detection ids older than the window."""
@@ -618,29 +621,32 @@ class SqliteQueue:
         for name in progress.keys() - present.keys():  # deleted after an earlier import
             conn.execute(FORGET_SPOOL_FILE, self._params(file=name))
         spooled: list[list[SpoolRecord]] = []
+        budget = MAX_IMPORT_BYTES
         for name, path in sorted(present.items()):
+            if budget <= 0:  # the rest waits for the next import
+                break
             try:
                 reader = SpoolReader(path)
             except FileNotFoundError:  # another consumer finished and deleted it
                 continue
             readers.append(reader)
             imported = progress.get(name, 0)
-            data = reader.read_from(imported)
-            records, used = decode_records(data)
-            if reader.sender_gone:
-                if used < len(data):
+            read = reader.read_records(imported, budget)
+            if reader.sender_gone and read.reached_end:
+                if read.left:
                     logger.warning(
                         "dropping a send cut short at the end of a spool file: its sender "
                         "stopped while writing it, so that send never returned",
-                        extra={"queue": self.queue, "file": str(path), "bytes": len(data) - used},
+                        extra={"queue": self.queue, "file": str(path), "bytes": read.left},
                     )
                 reader.finished = True
-            if used:
+            if read.used:
                 conn.execute(
-                    RECORD_SPOOL_PROGRESS, self._params(file=name, imported=imported + used)
+                    RECORD_SPOOL_PROGRESS, self._params(file=name, imported=imported + read.used)
                 )
-            reader.imported = imported + used
-            spooled.append(records)
+            reader.imported = imported + read.used
+            budget -= read.used
+            spooled.append(read.records)
         if not spooled:
             return
         now = time.time()
