@@ -457,8 +457,8 @@ def test_a_file_written_by_an_older_version_keeps_working_and_keeps_its_schema(
     db: Path,
 ) -> None:
     """Older versions sent with plain statements against the same tables; the import
-    statement's view and trigger are TEMP objects of each connection, so the file's
-    schema stays what those versions (and other processes) know."""
+    statement's view and trigger are TEMP objects of each connection, so opening a file
+    leaves its schema as it was (here already with this version's ``outbox_spool``)."""
     with sqlite3.connect(db) as old:
         old.executescript(sqlite_queue.SCHEMA)
         old.execute(

@@ -211,6 +211,9 @@ class SpoolReader:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.sender_gone = False
+        except BaseException:
+            os.close(self._fd)
+            raise
         else:
             # Locked now, so it never grows again: read to the end, then it may go.
             self.sender_gone = True

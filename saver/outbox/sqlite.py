@@ -194,8 +194,8 @@ PRUNE_DEDUP = "DELETE FROM outbox_dedup WHERE queue = :queue AND enqueued_time <
 # Importing a spooled send is one INSERT per message into this view; its trigger does the
 # work in SQLite, and ``executemany`` runs a send's INSERTs in one call (~15% less CPU than
 # three statements a message, each a Python call). The view and trigger are TEMP objects,
-# made by each connection when it opens and seen by it alone: the file's schema stays the
-# one every version knows.
+# made by each connection when it opens and seen by it alone, so they never enter the
+# file's schema (``outbox_spool`` is the one table this version adds to it).
 CREATE_SEND_VIEW = """
 CREATE TEMP VIEW IF NOT EXISTS outbox_send
     (queue, message_id, session_id, body, properties, now, horizon)
