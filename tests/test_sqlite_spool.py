@@ -43,16 +43,21 @@ def test_a_send_cut_short_by_a_failed_write_is_dropped_and_the_sends_around_it_k
     record (its sender has left the file) but keeps what came before it."""
     with SqliteQueue(db) as sender, SqliteQueue(db) as worker:
         sender.send([msg("a")])
-        write = os.write
+        writev = os.writev
 
-        def disk_full_halfway(fd: int, data: bytes) -> int:
-            write(fd, bytes(data[: len(data) // 2]))
+        def disk_full_halfway(fd: int, parts: list[bytes]) -> int:
+            record = b"".join(parts)
+            return writev(fd, [record[: len(record) // 2]])
+
+        def disk_full(fd: int, data: bytes) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(spool_module.os, "write", disk_full_halfway)
+        # As a full disk does: the first call writes what fits, the next one fails.
+        monkeypatch.setattr(spool_module.os, "writev", disk_full_halfway)
+        monkeypatch.setattr(spool_module.os, "write", disk_full)
         with pytest.raises(OutboxError, match=r"cannot append to spool file .* No space left"):
             sender.send([msg("torn")])
-        monkeypatch.setattr(spool_module.os, "write", write)
+        monkeypatch.undo()
         sender.send([msg("b")])
         assert len(spool_files(db)) == 2
         with caplog.at_level(logging.WARNING, logger=sqlite_queue.logger.name):
@@ -64,8 +69,27 @@ def test_a_send_cut_short_by_a_failed_write_is_dropped_and_the_sends_around_it_k
         assert len(spool_files(db)) == 1  # the abandoned file went; the sender's own stays
 
 
+def test_a_send_whose_write_stopped_short_writes_the_rest(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``writev`` may write less than asked (a signal, a disk nearly full): the rest
+    follows, and the record arrives whole."""
+    writev = os.writev
+
+    def interrupted(fd: int, parts: list[bytes]) -> int:
+        record = b"".join(parts)
+        return writev(fd, [record[:7]])
+
+    with SqliteQueue(db) as sender, SqliteQueue(db) as worker:
+        monkeypatch.setattr(spool_module.os, "writev", interrupted)
+        sender.send([msg("a")])
+        sender.send([msg("b"), msg("c")])
+        monkeypatch.undo()
+        assert received_ids(worker) == ["a", "b", "c"]
+
+
 def test_a_record_a_live_sender_is_still_writing_is_waited_for_not_dropped(db: Path) -> None:
-    record = encode_record([msg("slow")], time.time(), 600.0)
+    record = b"".join(encode_record([msg("slow")], time.time(), 600.0))
     writer = SpoolWriter(spool_directory(db.absolute(), "events"))
     with SqliteQueue(db) as worker:
         writer.append(record[:10])

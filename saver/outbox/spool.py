@@ -91,8 +91,11 @@ def require_posix() -> None:
 
 def encode_record(
     messages: Sequence[OutboxMessage], enqueued_time: float, duplicate_detection_window: float
-) -> bytes:
-    """One send as a spool record (``TypeError`` if a message's properties are not JSON)."""
+) -> tuple[bytes, bytes]:
+    """One send as a spool record: its header and its payload, which ``SpoolWriter.append``
+    writes together without joining them (inside a graph's step, a copy of a record cost
+    ~20-30 µs; an agent's records are 7-65 KB). ``TypeError`` if a message's properties
+    are not JSON."""
     for message in messages:
         _check_json_properties(message.application_properties)
     payload = ormsgpack.packb(
@@ -110,7 +113,7 @@ def encode_record(
             ],
         ],
     )
-    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+    return _HEADER.pack(len(payload), zlib.crc32(payload)), payload
 
 
 _JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
@@ -170,29 +173,29 @@ class SpoolWriter:
         except BaseException:
             os.close(self._fd)
             raise
-        found = os.fstat(self._fd)
-        self._identity = (found.st_dev, found.st_ino)
         self.size = 0
 
-    def append(self, record: bytes) -> None:
-        """Write the record; on an error the file is closed (part of the record may be in
-        it, so nothing more may follow) and the caller starts a new one."""
-        view = memoryview(record)
+    def append(self, *parts: bytes) -> None:
+        """Write the parts of a record in one ``writev``; on an error the file is closed
+        (part of the record may be in it, so nothing more may follow) and the caller
+        starts a new one."""
         try:
-            while view:
-                view = view[os.write(self._fd, view) :]
+            written = os.writev(self._fd, parts)
+            size = sum(len(part) for part in parts)
+            if written < size:  # a full disk or a signal stopped it short
+                rest = memoryview(b"".join(parts))[written:]
+                while rest:
+                    rest = rest[os.write(self._fd, rest) :]
         except BaseException:
             self.close()
             raise
-        self.size += len(record)
+        self.size += size
 
     def kept(self) -> bool:
-        """Whether ``path`` still names this file (not deleted or replaced under it)."""
-        try:
-            found = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        return (found.st_dev, found.st_ino) == self._identity
+        """Whether the file is still linked: not deleted, nor replaced by a file renamed
+        over its path. (An ``fstat``: inside a graph's step, a ``stat`` of the path cost
+        ~40-60 µs of CPU, half again as much.)"""
+        return os.fstat(self._fd).st_nlink > 0
 
     def close(self) -> None:
         """Close the file, which releases its lock: consumers may delete it once imported."""

@@ -590,7 +590,7 @@ class SqliteQueue:
                 self._register_spool_file(self._spool.path.name)
             spool = self._spool
             try:
-                spool.append(record)
+                spool.append(*record)
             except OSError as error:
                 self._spool = None
                 raise OutboxError(f"cannot append to spool file {spool.path}: {error}") from error
