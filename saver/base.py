@@ -454,7 +454,14 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
         return events
 
     def _messages(self, event: Event) -> list[OutboxMessage]:
-        frames = split_frames(event.event_id, encode_event(event), self.max_message_bytes)
+        try:
+            envelope = encode_event(event)
+        except TypeError as error:  # the only text no UTF-8 holds: lone surrogates
+            raise ValueError(
+                f"cannot publish this {event.kind.value} ({error}): thread ids, namespaces, "
+                "checkpoint and task ids, and channel names must be text UTF-8 can encode"
+            ) from None
+        frames = split_frames(event.event_id, envelope, self.max_message_bytes)
         return [
             OutboxMessage(
                 body=encode_frame(frame),

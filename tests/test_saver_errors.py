@@ -162,6 +162,39 @@ def test_put_writes_refuses_what_the_worker_would_dead_letter_as_malformed(
     assert _queued(queue_url) == 0
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda saver: _put(saver, {"thread_id": "t\ud800"}),
+        lambda saver: _put(saver, {"thread_id": "t1", "checkpoint_ns": "ns\udfff"}),
+        lambda saver: saver.put_writes(
+            {"configurable": {"thread_id": "t1", "checkpoint_id": "c"}}, [("ch\ud800", 1)], "t"
+        ),
+        lambda saver: saver.put_writes(
+            {"configurable": {"thread_id": "t1", "checkpoint_id": "c"}}, [("a", 1)], "task\ud800"
+        ),
+    ],
+    ids=["thread id", "namespace", "channel", "task id"],
+)
+def test_a_lone_surrogate_in_an_id_is_refused_by_name_before_sending(
+    saver: KustoSaver, queue_url: str, call: Any
+) -> None:
+    """Such text (from a bad decode, say) raised the encoder's bare ``TypeError: string
+    contains surrogates``, naming nothing."""
+    with pytest.raises(ValueError, match=r"cannot publish this put(_writes)? \(string contains "):
+        call(saver)
+    assert _queued(queue_url) == 0
+
+
+async def test_an_async_saver_refuses_a_lone_surrogate_in_an_id_before_sending(
+    queue_url: str,
+) -> None:
+    async with AsyncKustoSaver.from_conn_string(queue_url, NOTHING_LISTENS) as saver:
+        with pytest.raises(ValueError, match="UTF-8 can encode"):
+            await saver.aput({"configurable": {"thread_id": "t\ud800"}}, empty_checkpoint(), {}, {})
+    assert _queued(queue_url) == 0
+
+
 def test_put_refuses_metadata_kusto_cannot_hold_before_sending(
     saver: KustoSaver, queue_url: str
 ) -> None:
