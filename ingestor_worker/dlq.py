@@ -71,16 +71,13 @@ _QUEUE_TABLES = (
     "outbox_sessions",
     "outbox_dedup",
     "outbox_dead_letters",
-    "outbox_spool",
 )
 """The tables of a SQLite queue file (``SCHEMA`` in ``outbox/sqlite.py``), each keyed by
-``queue``. ``SqliteQueue`` creates them all in one transaction, so a file without them has
-never been opened as a queue."""
-
-_HOLDS_QUEUE = "SELECT " + " OR ".join(
-    f"EXISTS (SELECT 1 FROM {table} WHERE queue = :queue)" for table in _QUEUE_TABLES
-)
-_HELD_QUEUES = " UNION ".join(f"SELECT queue FROM {table}" for table in _QUEUE_TABLES)
+``queue``, that every version creates. ``SqliteQueue`` creates them all in one transaction,
+so a file without them has never been opened as a queue."""
+_SPOOL_TABLE = "outbox_spool"
+"""Keyed by ``queue`` too, but only since spool files came: a file an earlier version
+wrote lacks it until this version opens the file."""
 
 
 # --- selecting dead letters ------------------------------------------------------------------
@@ -689,9 +686,14 @@ def _check_queue_file(path: Path, queue: str, url: str) -> None:
                 )
             # A queue leaves no row once drained and past the duplicate-detection window,
             # so only a file that holds other queues tells a mistyped name apart.
-            if conn.execute(_HOLDS_QUEUE, {"queue": queue}).fetchone()[0]:
+            holding = [t for t in (*_QUEUE_TABLES, _SPOOL_TABLE) if t in tables]
+            holds_queue = "SELECT " + " OR ".join(
+                f"EXISTS (SELECT 1 FROM {table} WHERE queue = :queue)" for table in holding
+            )
+            if conn.execute(holds_queue, {"queue": queue}).fetchone()[0]:
                 return
-            held = sorted(name for (name,) in conn.execute(_HELD_QUEUES))
+            held_queues = " UNION ".join(f"SELECT queue FROM {table}" for table in holding)
+            held = sorted(name for (name,) in conn.execute(held_queues))
     except sqlite3.Error as error:
         raise OutboxError(f"cannot open the queue file {path}: {error}") from error
     if held:

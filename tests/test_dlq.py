@@ -549,6 +549,27 @@ def test_a_queue_name_the_file_does_not_hold_names_the_ones_it_does(
     assert (code, capsys.readouterr().out) == (0, f"no dead letters in {empty.url}?queue=other\n")
 
 
+def test_a_queue_file_an_earlier_version_wrote_is_still_a_queue(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Versions before the spool files made no ``outbox_spool`` table; ``dlq`` said such a
+    file was "without the outbox tables, not a queue" until this version opened it."""
+    backend = _sqlite_backend(tmp_path)
+    seed(backend, [(poison("thread-a"), "Poison")])
+    with closing(sqlite3.connect(tmp_path / "outbox.db")) as conn:
+        conn.execute("DROP TABLE outbox_spool")
+        conn.commit()
+
+    code = cli.main(["dlq", "list", "--queue", backend.url])
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert [row["THREAD"] for row in table(out)] == ["thread-a"]
+
+    mistyped = f"{backend.url}?queue=event"
+    assert cli.main(["dlq", "list", "--queue", mistyped]) == 2
+    assert "holds no queue named 'event', only 'events'" in capsys.readouterr().err
+
+
 def test_a_directory_is_named_as_such_as_the_worker_names_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
