@@ -121,7 +121,8 @@ def assemble(rows: Iterable[Mapping[str, Any]]) -> list[StoredCheckpoint]:
 def _versions(blob_keys: Any) -> dict[str, str]:
     versions: dict[str, str] = {}
     for key in blob_keys or ():
-        channel, _, version = str(key).partition(KEY_SEPARATOR)
+        # From the right: versions hold no separator (the saver makes them), channel names may.
+        channel, _, version = str(key).rpartition(KEY_SEPARATOR)
         versions[channel] = version
     return versions
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import msgpack
 import pytest
@@ -27,7 +28,7 @@ from langgraph.checkpoint.kusto.shared.framing import (
     join_frames,
     split_frames,
 )
-from langgraph.checkpoint.kusto.shared.rows import ROW_CHUNK_BYTES, event_rows
+from langgraph.checkpoint.kusto.shared.rows import KEY_SEPARATOR, ROW_CHUNK_BYTES, event_rows
 
 
 def _put(event_id: str = "e1", seq: int = 1, data: bytes = b"cp", blob: bytes = b"v") -> Event:
@@ -116,6 +117,19 @@ def test_large_payload_is_chunked_below_kusto_string_limit_and_reassembles() -> 
     [stored] = assemble(rows)
     assert stored.checkpoint.data == data
     assert stored.blobs["a"].data == b"v"
+
+
+def test_a_channel_name_holding_the_key_separator_reads_back_whole() -> None:
+    """A blob key is ``channel<US>version``; split at its first separator, a channel
+    named ``a<US>b`` read back as channel ``a`` at version ``b<US>1``. Versions hold no
+    separator (the saver makes them of digits and a dot), channel names may."""
+    channel = f"a{KEY_SEPARATOR}b"
+    event = replace(
+        _put(), channel_versions={channel: "1"}, blobs=(Blob(channel, "1", "msgpack", b"v"),)
+    )
+    [stored] = assemble(event_rows(event))
+    assert stored.channel_versions == {channel: "1"}
+    assert stored.blobs[channel].data == b"v"
 
 
 def test_assembly_drops_redelivered_copies_and_torn_payloads() -> None:

@@ -133,6 +133,7 @@ HOSTILE = [
     "new\nline\r\n",
     "// comment",
     "unicode ✓ 漢字 🚀 \u200b",
+    "unit\x1fseparator",  # the separator of blob keys (channel<US>version)
     "x" * 10_240,
 ]
 
@@ -145,7 +146,8 @@ def test_hostile_values_round_trip_and_never_change_the_query(
     namespace = f"ns:{value}"
     metadata_key = f"key {value}"
     with _eventual(stack, private_queue) as saver:
-        checkpoint = _checkpoint({"v": value})
+        values = {"v": value, f"channel {value}": value}
+        checkpoint = _checkpoint(values)
         checkpoint["id"] = f"{checkpoint['id']}{value}"
         stored = saver.put(
             {"configurable": {"thread_id": thread_id, "checkpoint_ns": namespace}},
@@ -161,7 +163,7 @@ def test_hostile_values_round_trip_and_never_change_the_query(
             "checkpoint_ns": namespace,
             "checkpoint_id": checkpoint["id"],
         }
-        assert found.checkpoint["channel_values"] == {"v": value}
+        assert found.checkpoint["channel_values"] == values
         assert found.metadata[metadata_key] == value
         listed = list(
             saver.list(
