@@ -456,10 +456,10 @@ class BaseKustoSaver(BaseCheckpointSaver[str]):
     def _messages(self, event: Event) -> list[OutboxMessage]:
         try:
             envelope = encode_event(event)
-        except TypeError as error:  # the only text no UTF-8 holds: lone surrogates
+        except TypeError as error:  # text with lone surrogates (UTF-8 has none), a non-str key
             raise ValueError(
                 f"cannot publish this {event.kind.value} ({error}): thread ids, namespaces, "
-                "checkpoint and task ids, and channel names must be text UTF-8 can encode"
+                "checkpoint and task ids, and channel names must be strings UTF-8 can encode"
             ) from None
         frames = split_frames(event.event_id, envelope, self.max_message_bytes)
         return [
