@@ -1,6 +1,6 @@
 """The SQLite queue's spool: append-only files its senders write and its consumers import.
 
-A send to the SQLite queue is one ``write`` of one record to the sender's own spool file,
+A send to the SQLite queue is one ``writev`` of one record to the sender's own spool file,
 not a SQLite transaction. Inside a LangGraph step a transaction cost ~350-450 µs of CPU
 on the app's thread (cold caches: ~7 B-tree pages to the WAL, locks, the trigger); the
 append costs ~85 µs, and a sender waits for a consumer's write lock only once per file
